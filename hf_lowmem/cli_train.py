@@ -1,0 +1,62 @@
+"""``hf-lowmem train``: an ``HfArgumentParser`` front over ``LowMemTrainer``.
+
+    hf-lowmem train --model PATH_OR_HUB_ID_OR_CONFIG.json --data FILE_OR_FOLDER_OR_DATASET \
+        --output_dir out --max_steps 100 --lowmem_optimizer bnb-adamw8bit
+
+Every ``TrainingArguments`` and ``LowMemTrainingArguments`` flag works (``--help`` lists them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PASSTHROUGH = True
+
+
+@dataclass
+class ModelDataArguments:
+    model: str = field(metadata={"help": "A local model folder, a hub id, or a config.json to build a fresh model from."})
+    data: str = field(metadata={"help": "A text file, a folder of text files, or a dataset name `datasets` can load."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training example."})
+    eval_fraction: float = field(default=0.0, metadata={"help": "Fraction of the text held out for evaluation."})
+    dtype: str = field(default="float32", metadata={"help": "Dtype the weights are loaded in (float32, bfloat16)."})
+
+
+def build_model(spec: str, dtype: str = "float32"):
+    """A model from a folder or hub id (weights), or from a ``config.json`` (fresh random weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    if spec.endswith(".json") and os.path.isfile(spec):
+        config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(spec)) if os.path.basename(spec) == "config.json" else spec)
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    has_weights = os.path.isdir(spec) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(spec))
+    if os.path.isdir(spec) and not has_weights:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(spec), dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+
+
+def run_argv(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from hf_lowmem.args import LowMemTrainingArguments
+    from hf_lowmem.textdata import load_text_dataset, tokenizer_for
+    from hf_lowmem.trainer import LowMemTrainer
+
+    parser = HfArgumentParser((ModelDataArguments, LowMemTrainingArguments), prog="hf-lowmem train")
+    margs, targs = parser.parse_args_into_dataclasses(args=argv)
+    tokenize, tokenizer = tokenizer_for(margs.model if os.path.isdir(margs.model) else None)
+    model = build_model(margs.model, margs.dtype)
+    if tokenizer is None and model.config.vocab_size < 256:
+        raise SystemExit(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the byte tokenizer's 256;"
+                         " give a model folder with a tokenizer")
+    train, evald = load_text_dataset(margs.data, tokenize, margs.block_size, margs.eval_fraction)
+    trainer = LowMemTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evald,
+                            processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    trainer.save_model()
+    if evald is not None:
+        print(trainer.evaluate())
+    return 0

@@ -1,0 +1,111 @@
+"""The per-run context every hook receives: the arguments, which plugins are selected, their options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hf_lowmem.errors import PluginError
+from hf_lowmem.registry import KINDS, PluginInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_lowmem.plugins import PluginHost
+
+
+def distributed_mode(args: Any = None) -> str:
+    """``single``, ``ddp``, ``fsdp`` or ``deepspeed``, from the arguments and what ``accelerate launch`` /
+    ``torchrun`` put in the environment. Pure function of those, so every rank decides the same."""
+    env = os.environ
+    if (args is not None and getattr(args, "deepspeed", None)) or _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
+        return "deepspeed"
+    if (args is not None and getattr(args, "fsdp", None)) or _truthy(env.get("ACCELERATE_USE_FSDP")):
+        return "fsdp"
+    if int(env.get("WORLD_SIZE", "1") or 1) > 1:
+        return "ddp"
+    return "single"
+
+
+def _truthy(v: str | None) -> bool:
+    return (v or "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Selection:
+    """Plugins chosen for a run: one name per kind (several for ``offload``) and their parsed options."""
+
+    by_kind: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return [n for k in KINDS for n in self.by_kind[k]]
+
+
+def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_options: dict[str, dict], mode: str) -> Selection:
+    """Check a request against the registry: names exist and have the right kind, options are valid,
+    no two selected plugins are incompatible, and each supports the distributed ``mode``.
+    Raises :class:`PluginError` with what is available and why a combination cannot work."""
+    reg = host.registry
+    sel = Selection()
+    for kind in KINDS:
+        names = requested.get(kind) or []
+        if kind != "offload" and len(names) > 1:
+            raise PluginError(f"only one {kind} plugin can be selected, got {names}")
+        for name in names:
+            info = reg.get(name, kind)
+            sel.by_kind[kind].append(info.name)
+    unknown_opts = sorted(set(raw_options) - set(sel.names()))
+    if unknown_opts:
+        raise PluginError(
+            f"options given for plugin(s) {unknown_opts} that are not selected; selected: {sel.names() or 'none'}"
+        )
+    for name in sel.names():
+        sel.options[name] = reg[name].parse_options(raw_options.get(name))
+    chosen = [reg[n] for n in sel.names()]
+    for a in chosen:
+        for b in chosen:
+            if a is b:
+                continue
+            reason = a.incompatible.get(b.name) or a.incompatible.get(b.kind)
+            if reason:
+                raise PluginError(f"plugins {a.name!r} and {b.name!r} cannot be combined: {reason}")
+        if mode not in a.modes:
+            raise PluginError(
+                f"plugin {a.name!r} does not support {mode} runs (it supports: {', '.join(a.modes)}). "
+                "Choose another plugin or launch without that mode."
+            )
+    return sel
+
+
+@dataclass
+class LowMemContext:
+    """What every hook gets: ``args`` (the :class:`~hf_lowmem.args.LowMemTrainingArguments`), the loaded
+    ``host``, the ``selection``, the distributed ``mode``, and ``state``, scratch space plugins may share
+    for the run (keyed by plugin name)."""
+
+    args: Any
+    host: PluginHost
+    selection: Selection
+    mode: str = "single"
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def selected(self, kind: str) -> str | None:
+        """The selected plugin of ``kind`` (the first, for ``offload``), or ``None``."""
+        names = self.selection.by_kind.get(kind) or []
+        return names[0] if names else None
+
+    def is_selected(self, name: str) -> bool:
+        return name in self.selection.names()
+
+    def options(self, name: str) -> Any:
+        """The parsed options dataclass of a selected plugin (``None`` if it takes none)."""
+        if not self.is_selected(name):
+            raise PluginError(f"plugin {name!r} is not selected")
+        return self.selection.options.get(name)
+
+    def info(self, name: str) -> PluginInfo:
+        return self.host.registry[name]
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        return [self.host.registry[n] for n in self.selection.names()]

@@ -1,0 +1,144 @@
+"""``LowMemTrainer``: the Hugging Face ``Trainer`` with hf-lowmem's plugins.
+
+Switching an existing script takes two lines::
+
+    from hf_lowmem import LowMemTrainer as Trainer, LowMemTrainingArguments as TrainingArguments
+
+A plain ``TrainingArguments`` is accepted and upgraded. :class:`LowMemTrainerMixin` gives any Trainer
+subclass (e.g. TRL's ``SFTTrainer``) the same plugins: see :func:`lowmem_trainer_class`.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+import torch
+from transformers import Trainer
+
+from hf_lowmem.args import LowMemFields, upgrade_args
+from hf_lowmem.context import LowMemContext, distributed_mode
+from hf_lowmem.errors import PluginError
+
+logger = logging.getLogger("hf_lowmem")
+
+
+class LowMemTrainerMixin:
+    """Adds plugin selection, validation, model preparation, optimizer creation, an optional training
+    engine, and save-time state-dict hooks to a ``transformers.Trainer`` subclass."""
+
+    def __init__(self, model=None, args=None, *rest, plugin_host=None, **kwargs):
+        if args is not None and not isinstance(args, LowMemFields):
+            logger.info("hf-lowmem: upgrading %s to %s", type(args).__name__, "LowMem" + type(args).__name__)
+        args = upgrade_args(args)
+        if plugin_host is None:
+            from hf_lowmem.plugins import get_plugin_host, load_plugins
+
+            plugin_host = load_plugins(strict=True) if args.lowmem_strict_plugins else get_plugin_host()
+        selection = args.lowmem_selection(plugin_host)
+        ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args))
+        self.lowmem_ctx = ctx
+        self.lowmem_engine = None
+        self._lowmem_wants_engine = any(p.engine for p in ctx.plugins)
+        # 1. validate the environment, before anything heavy
+        plugin_host.validate(ctx=ctx)
+        # 2. prepare the model, stage by stage
+        if model is not None:
+            model = plugin_host.prepare_model(ctx=ctx, model=model)
+        # 3. callbacks
+        callbacks = list(kwargs.pop("callbacks", None) or []) + plugin_host.callbacks(ctx=ctx)
+        super().__init__(model, args, *rest, callbacks=callbacks, **kwargs)
+        # 4. an engine decides where weights live, so it is created before the Trainer moves anything
+        if self._lowmem_wants_engine:
+            engine = plugin_host.create_engine(ctx=ctx, model=self.model, trainer=self)
+            if engine is None:
+                names = [p.name for p in ctx.plugins if p.engine]
+                raise PluginError(f"plugin(s) {names} declare an engine but none was created")
+            self.lowmem_engine = engine
+            self.accelerator.device_placement = False
+
+    # ---- placement --------------------------------------------------------------------------------
+    def _move_model_to_device(self, model, device):
+        if getattr(self, "_lowmem_wants_engine", False):
+            return  # the engine streams weights; the model stays in host memory
+        return super()._move_model_to_device(model, device)
+
+    # ---- optimizer --------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            if self.lowmem_engine is not None:
+                self.optimizer = self.lowmem_engine.optimizer
+            else:
+                opt_model = self.model if model is None else model
+                self.optimizer = self.lowmem_ctx.host.create_optimizer(ctx=self.lowmem_ctx, model=opt_model, trainer=self)
+        if self.optimizer is None:
+            return super().create_optimizer(model)
+        return self.optimizer
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.lowmem_engine is not None and batches:
+            self.lowmem_engine.begin_window(batches, num_items)
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.lowmem_engine is not None:
+            return self.lowmem_engine.training_step(inputs, num_items_in_batch)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs:
+            loss = self.lowmem_ctx.host.compute_loss(
+                ctx=self.lowmem_ctx, model=model, inputs=inputs, num_items_in_batch=num_items_in_batch
+            )
+            if loss is not None:
+                return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _clip_grad_norm(self, model):
+        if self.lowmem_engine is not None:
+            return self.lowmem_engine.clip_grad_norm(self.args.max_grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self.lowmem_engine is not None and grad_norm is None:
+            return self.lowmem_engine.clip_grad_norm(float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.lowmem_engine is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if not prediction_loss_only and self.compute_metrics is not None:
+            raise PluginError(
+                "the weight-streaming engine evaluates the loss only; drop compute_metrics or set prediction_loss_only=True"
+            )
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.lowmem_engine.eval_loss(inputs)
+        return loss.detach(), None, None
+
+    # ---- saving -----------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        if self.lowmem_engine is not None:
+            self.lowmem_engine.flush()
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model, keep_torch_compile=False).state_dict()
+        state_dict = dict(state_dict)
+        self.lowmem_ctx.host.before_save(ctx=self.lowmem_ctx, model=self.model, state_dict=state_dict)
+        return super()._save(output_dir, state_dict=state_dict)
+
+
+class LowMemTrainer(LowMemTrainerMixin, Trainer):
+    """``transformers.Trainer`` with hf-lowmem plugins; takes the same arguments, plus
+    ``plugin_host=`` (a :class:`~hf_lowmem.plugins.PluginHost`, mostly for tests)."""
+
+
+@lru_cache(maxsize=None)
+def lowmem_trainer_class(base: type) -> type:
+    """``base`` (a ``Trainer`` subclass such as TRL's ``SFTTrainer``) with hf-lowmem's plugins."""
+    if issubclass(base, LowMemTrainerMixin):
+        return base
+    if base is Trainer:
+        return LowMemTrainer
+    return type(f"LowMem{base.__name__}", (LowMemTrainerMixin, base), {"__module__": __name__})
