@@ -40,3 +40,19 @@ def hf_lowmem_create_optimizer(ctx, model, trainer):
         trainer_param_groups(trainer, model), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon, fused=True if on_cuda else None,
     )
+
+
+@hookimpl
+def hf_lowmem_validate(ctx):
+    """For every selected plugin: its required packages really import (else the error names the extra to
+    install), and a CUDA-only plugin has a GPU to run on."""
+    from hf_lowmem.errors import PluginError
+
+    for info in ctx.plugins:
+        info.import_requirements()
+        if info.needs_cuda:
+            import torch
+
+            if not torch.cuda.is_available() or getattr(ctx.args, "use_cpu", False):
+                raise PluginError(f"plugin {info.name!r} needs a CUDA GPU and this run has none"
+                                  " (choose another plugin, or run on a machine with a GPU)")
