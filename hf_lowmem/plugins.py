@@ -136,8 +136,8 @@ class PluginHost:
     def _load_one(self, name: str, dist: str, version: str, source: Any, strict: bool) -> None:
         try:
             plugin = source.load() if isinstance(source, metadata.EntryPoint) else source
-        except BaseException as e:  # noqa: BLE001 - any failure of a plugin's import is isolated
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        except BaseException as e:  # noqa: BLE001 - any failure of a plugin's import is isolated,
+            if isinstance(e, KeyboardInterrupt):  # sys.exit() at import included; only Ctrl-C goes through
                 raise
             return self._fail(name, dist, e, strict)
         try:
