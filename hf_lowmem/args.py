@@ -67,6 +67,14 @@ class LowMemFields:
         # Validate names, options and combinations now, so a bad argument fails before any model is loaded.
         self.lowmem_selection()
 
+    def __reduce__(self):
+        # A class made by lowmem_args_class (e.g. LowMemSFTConfig) is not a module attribute, so pickle
+        # (the Trainer's torch.save of training_args.bin, deepcopy) rebuilds it from its base instead.
+        base = type(self).__dict__.get("_lowmem_base")
+        if base is None:
+            return super().__reduce__()
+        return (_rebuild_args, (base, self.__dict__.copy()))
+
     # ---- helpers ----------------------------------------------------------------------------------
     def lowmem_request(self) -> dict[str, list[str]]:
         return {
@@ -124,7 +132,14 @@ def lowmem_args_class(base: type) -> type:
         return base
     if base is TrainingArguments:
         return LowMemTrainingArguments
-    return dataclass(type(f"LowMem{base.__name__}", (LowMemFields, base), {"__module__": __name__}))
+    return dataclass(type(f"LowMem{base.__name__}", (LowMemFields, base), {"__module__": __name__, "_lowmem_base": base}))
+
+
+def _rebuild_args(base: type, state: dict) -> Any:
+    cls = lowmem_args_class(base)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 def upgrade_args(args: Any, **lowmem: Any) -> Any:
