@@ -144,7 +144,8 @@ class Registry:
             what = f"{kind} plugin" if kind else "plugin"
             extra = ""
             if info is not None:
-                extra = f" ({name!r} is a {info.kind} plugin)"
+                article = "an" if info.kind[0] in "aeiou" else "a"
+                extra = f" ({name!r} is {article} {info.kind} plugin: select it with lowmem_{info.kind})"
             raise PluginError(
                 f"unknown {what} {name!r}{extra}. Available: {', '.join(avail) or 'none'}."
                 " Run `hf-lowmem plugins` to see every plugin and whether its dependencies are installed."
