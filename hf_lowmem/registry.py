@@ -30,6 +30,9 @@ class PluginInfo:
     :param lossless: whether results equal plain training (offload, checkpointing) or not (8-bit, low rank).
     :param needs_cuda: whether it only runs on a CUDA GPU.
     :param essential: an essential plugin cannot be blocked.
+    :param check_selection: called with the selected names by kind (``{"optimizer": [...], ...}``) when this
+        plugin is selected; returns why the combination cannot work, or ``None``. For rules a static
+        ``incompatible`` map cannot express (e.g. "only these optimizers").
     :param engine: it provides a training engine (``hf_lowmem_create_engine``) that decides where the
         weights live; the Trainer then does not move the model to the GPU.
     """
@@ -46,6 +49,7 @@ class PluginInfo:
     needs_cuda: bool = False
     essential: bool = False
     engine: bool = False
+    check_selection: Callable[[Mapping[str, list[str]]], str | None] | None = None
     # filled by the registry
     distribution: str = ""
     version: str = ""
