@@ -1,1 +1,432 @@
-"""(being written) see the issue that owns this plugin."""
+"""``activation-offload``: keep the activations saved for backward in host memory (or on disk).
+
+While the decoder runs forward in training, ``torch.autograd.graph.saved_tensors_hooks`` hand every
+tensor autograd saves (above ``min_bytes``, and not a parameter) to an offloader:
+
+* ``target="cpu"`` (default): the tensor is copied into pinned host memory on a side CUDA stream, so the
+  copy overlaps the next kernels; the GPU copy is released as soon as its copy has finished. In backward,
+  unpacking a tensor starts the host-to-device copies of the tensors backward will need next (up to
+  ``prefetch_bytes`` ahead, again on the side stream), so they arrive while the current layer computes.
+* ``target="disk"``: the same, then a writer thread stores the bytes in a file under ``dir`` (default: a
+  temporary directory); backward reads them back ahead of need on a reader thread. For sequences whose
+  activations do not fit in host RAM. Files are deleted when autograd frees the saved tensor.
+
+On a CPU-only run the same code path runs with plain copies (no streams), so tests can check that
+training is unchanged. Offloading is lossless: values are copied bit for bit.
+
+With ``gradient-checkpointing`` selected too, checkpointed layers save only their input (the
+checkpointing plugin then uses the reentrant form, whose input goes through ``save_for_backward``), so
+exactly one hidden state per checkpointed layer is offloaded and prefetched one layer ahead: the
+activation memory left on the GPU is about one layer's recompute, independent of depth.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from hf_lowmem import hookimpl
+from hf_lowmem.errors import PluginError
+from hf_lowmem.registry import PluginInfo
+
+logger = logging.getLogger("hf_lowmem")
+
+NAME = "activation-offload"
+TARGETS = ("cpu", "disk")
+
+
+@dataclass
+class ActivationOffloadOptions:
+    #: "cpu" (pinned host memory) or "disk" (files under `dir`)
+    target: str = "cpu"
+    #: directory for target="disk" (default: a temporary directory, removed at exit)
+    dir: str | None = None
+    #: saved tensors smaller than this stay where they are
+    min_bytes: int = 1 << 20
+    #: how many bytes of saved tensors backward fetches ahead of need
+    prefetch_bytes: int = 256 << 20
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.dir is not None and self.target != "disk":
+            raise ValueError('dir is only used with target="disk"')
+        if int(self.min_bytes) < 0 or int(self.prefetch_bytes) < 0:
+            raise ValueError("min_bytes and prefetch_bytes must be >= 0")
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(PluginInfo(
+        name=NAME, kind="offload", options=ActivationOffloadOptions, lossless=True,
+        incompatible={"stream": "the weight-streaming engine schedules activations itself"},
+        help="saved activations to pinned CPU memory (side-stream copies, prefetched for backward) or to disk",
+    ))
+
+
+@hookimpl
+def hf_lowmem_validate(ctx):
+    if not ctx.is_selected(NAME):
+        return
+    opts = ctx.options(NAME) or ActivationOffloadOptions()
+    if opts.target == "disk":
+        d = opts.dir or tempfile.gettempdir()
+        os.makedirs(d, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise PluginError(f"activation-offload: directory {d!r} is not writable; set lowmem_options "
+                              '{"activation-offload": {"target": "disk", "dir": "/a/writable/path"}}')
+    if getattr(ctx.args, "gradient_checkpointing", False):
+        logger.warning("activation-offload with gradient_checkpointing=True: the Trainer's checkpointing keeps "
+                       "checkpoint inputs on the GPU. Select the gradient-checkpointing plugin instead so that "
+                       "they are offloaded.")
+
+
+# ---- the offloader ---------------------------------------------------------------------------------------
+class _Handle:
+    """What autograd stores in place of an offloaded tensor."""
+
+    __slots__ = ("idx", "device", "dtype", "shape", "stride", "nbytes", "host", "d2h", "gpu", "h2d",
+                 "path", "written", "read", "prefetched", "__weakref__")
+
+    def __init__(self, t):
+        self.device, self.dtype, self.shape, self.stride = t.device, t.dtype, t.shape, t.stride()
+        self.nbytes = t.numel() * t.element_size()
+        self.idx = -1
+        self.host = self.d2h = self.gpu = self.h2d = self.path = self.written = self.read = None
+        self.prefetched = False
+
+
+def _dense(t) -> bool:
+    """Whether ``t`` covers its memory exactly once (a permutation of a contiguous layout), so that
+    ``empty_strided`` with its strides can hold a copy."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
+
+
+def _empty_like_layout(t_or_h, device=None, pin=False):
+    import torch
+
+    shape, stride, dtype = t_or_h.shape, t_or_h.stride() if callable(getattr(t_or_h, "stride")) else t_or_h.stride, t_or_h.dtype
+    try:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device, pin_memory=pin)
+    except RuntimeError:
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+
+def _write_file(path, host_u8):
+    with open(path, "wb") as f:
+        f.write(memoryview(host_u8.numpy()))
+
+
+def _read_file(path, nbytes, pin):
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    with open(path, "rb") as f:
+        n = f.readinto(memoryview(buf.numpy()))
+    if n != nbytes:
+        raise RuntimeError(f"activation-offload: {path} holds {n} bytes, expected {nbytes}")
+    return buf
+
+
+def _schedule_remove(pool, written, path):
+    try:
+        pool.submit(_remove_after, written, path)
+    except RuntimeError:  # the pool is shut down (interpreter exit): remove now
+        _remove_after(written, path)
+
+
+def _remove_after(written, path):
+    try:
+        if written is not None:
+            written.result()
+    except Exception:  # noqa: BLE001 - a failed write leaves nothing to remove or an unreadable file
+        pass
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class ActivationOffloader:
+    """Pack/unpack hooks that move saved tensors to pinned host memory or files, with prefetch."""
+
+    def __init__(self, target="cpu", dir=None, min_bytes=1 << 20, prefetch_bytes=256 << 20):
+        self.target, self.min_bytes, self.prefetch_bytes = target, int(min_bytes), int(prefetch_bytes)
+        self._dir, self._own_dir = dir, False
+        self._stream = None
+        self._pending = []          # (event, gpu tensor) kept alive until their device-to-host copy is done
+        self._order = []            # weakrefs to this forward's handles, in pack order
+        self._dedup = {}
+        self._param_storages = set()
+        self._cursor = None         # next index backward may prefetch from (downwards)
+        self._inflight = 0          # bytes prefetched and not consumed yet
+        self._counter = itertools.count()
+        self._writer = self._reader = None
+        self._lock = threading.Lock()
+        self.stats = {"packed": 0, "packed_bytes": 0, "kept": 0, "prefetched": 0, "sync_fetches": 0}
+
+    # -- lifecycle --
+    def begin_forward(self, module=None):
+        import torch
+
+        self._order, self._dedup, self._cursor, self._inflight = [], {}, None, 0
+        if module is not None:
+            self._param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+            self._param_storages |= {b.untyped_storage().data_ptr() for b in module.buffers()}
+        self._reap(block=False)
+        self._torch = torch
+
+    def end_forward(self):
+        self._reap(block=False)
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    @property
+    def directory(self):
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="hf-lowmem-activations-")
+            self._own_dir = True
+            atexit.register(shutil.rmtree, self._dir, ignore_errors=True)
+        os.makedirs(self._dir, exist_ok=True)
+        return self._dir
+
+    # -- helpers --
+    def _side_stream(self, device):
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+    def _reap(self, block: bool):
+        while self._pending:
+            ev, _t = self._pending[0]
+            if block:
+                ev.synchronize()
+            elif not ev.query():
+                break
+            self._pending.pop(0)
+
+    def _keep(self, t) -> bool:
+        import torch
+
+        if t.device.type not in ("cuda", "cpu") or t.is_sparse or t.layout != torch.strided:
+            return True
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or isinstance(t, torch.nn.Parameter):
+            return True
+        if t.numel() * t.element_size() < self.min_bytes or t.numel() == 0:
+            return True
+        return t.untyped_storage().data_ptr() in self._param_storages
+
+    # -- pack: forward --
+    def pack(self, t):
+        import torch
+
+        if self._keep(t):
+            self.stats["kept"] += 1
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        hit = self._dedup.get(key)
+        if hit is not None and hit[0]() is t and hit[1]() is not None:
+            return hit[1]()
+        h = _Handle(t)
+        if t.is_cuda:
+            stream = self._side_stream(t.device)
+            current = torch.cuda.current_stream(t.device)
+            host = _empty_like_layout(t, pin=True) if _dense(t) else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                host.copy_(t, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            h.d2h = ev
+            self._pending.append((ev, t))
+        else:
+            host = _empty_like_layout(t) if _dense(t) else torch.empty(t.shape, dtype=t.dtype)
+            host.copy_(t)
+        if self.target == "disk":
+            h.path = os.path.join(self.directory, f"{os.getpid()}-{next(self._counter)}.bin")
+            h.written = self._writer_pool().submit(self._write, h.d2h, host, h.path)
+            weakref.finalize(h, _schedule_remove, self._writer_pool(), h.written, h.path)
+        else:
+            h.host = host
+        h.idx = len(self._order)
+        self._order.append(weakref.ref(h))
+        self._dedup[key] = (weakref.ref(t), weakref.ref(h))
+        self.stats["packed"] += 1
+        self.stats["packed_bytes"] += h.nbytes
+        self._reap(block=False)
+        return h
+
+    @staticmethod
+    def _write(event, host, path):
+        if event is not None:
+            event.synchronize()
+        _write_file(path, host.contiguous().reshape(-1).view(__import__("torch").uint8))
+
+    def _writer_pool(self):
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="hf-lowmem-act-write")
+            return self._writer
+
+    def _reader_pool(self):
+        with self._lock:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(2, thread_name_prefix="hf-lowmem-act-read")
+            return self._reader
+
+    # -- unpack: backward --
+    def _host_of(self, h):
+        """The host copy (a tensor with the original shape/layout or a flat uint8 buffer for disk)."""
+        if self.target != "disk":
+            return h.host
+        if h.read is None:
+            h.read = self._reader_pool().submit(self._read, h)
+        return h.read.result()
+
+    def _read(self, h):
+        h.written.result()
+        return _read_file(h.path, h.nbytes, pin=h.device.type == "cuda")
+
+    def _materialize(self, h, host, out):
+        if self.target == "disk":
+            host = host.view(h.dtype).view(h.shape) if len(h.shape) else host.view(h.dtype).reshape(())
+        out.copy_(host, non_blocking=out.is_cuda)
+        return out
+
+    def _fetch_async(self, h):
+        """Start the host-to-device copy of ``h`` on the side stream (CUDA, target cpu)."""
+        import torch
+
+        stream = self._side_stream(h.device)
+        current = torch.cuda.current_stream(h.device)
+        out = _empty_like_layout(h, device=h.device)  # allocated on the compute stream: the side stream waits for it
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            if h.d2h is not None:
+                stream.wait_event(h.d2h)
+            self._materialize(h, h.host, out)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        h.gpu, h.h2d = out, ev
+
+    def _prefetch_before(self, idx):
+        j = idx - 1 if self._cursor is None else min(self._cursor, idx - 1)
+        while j >= 0 and self._inflight < self.prefetch_bytes:
+            h = self._order[j]()
+            if h is not None and not h.prefetched:
+                if self.target == "disk":
+                    h.read = self._reader_pool().submit(self._read, h)
+                elif h.device.type == "cuda":
+                    self._fetch_async(h)
+                else:
+                    j -= 1
+                    continue  # host to host: nothing to fetch ahead
+                h.prefetched = True
+                self._inflight += h.nbytes
+                self.stats["prefetched"] += 1
+            j -= 1
+        self._cursor = j
+
+    def unpack(self, h):
+        import torch
+
+        if not isinstance(h, _Handle):
+            return h
+        if h.prefetched:
+            h.prefetched = False
+            self._inflight = max(0, self._inflight - h.nbytes)
+        if h.device.type == "cuda":
+            current = torch.cuda.current_stream(h.device)
+            if h.gpu is not None:
+                current.wait_event(h.h2d)
+                out, h.gpu, h.h2d = h.gpu, None, None
+            else:
+                if h.read is None:
+                    self.stats["sync_fetches"] += 1
+                if h.d2h is not None:
+                    current.wait_event(h.d2h)
+                out = self._materialize(h, self._host_of(h), _empty_like_layout(h, device=h.device))
+            self._reap(block=False)
+        else:
+            out = self._materialize(h, self._host_of(h), _empty_like_layout(h))
+        h.read = None  # disk: a second unpack (retain_graph) reads the file again
+        if 0 <= h.idx < len(self._order) and self._order[h.idx]() is h:
+            self._prefetch_before(h.idx)
+        return out
+
+
+# ---- installation ------------------------------------------------------------------------------------------
+def _decoder(model):
+    base = model
+    while getattr(base, "module", None) is not None and base.module is not base:
+        base = base.module
+    get = getattr(base, "get_decoder", None)
+    if callable(get):
+        try:
+            dec = get()
+            if dec is not None:
+                return dec
+        except Exception:  # noqa: BLE001
+            pass
+    return getattr(base, "model", None) or base
+
+
+def install(model, offloader: ActivationOffloader, module=None):
+    """Run ``module``'s (default: the decoder's) training forward under the offloader's saved-tensor hooks.
+    Returns the hook handles (call ``.remove()`` on them to undo)."""
+    import torch
+
+    module = module if module is not None else _decoder(model)
+
+    def pre(mod, args, kwargs):
+        if mod.training and torch.is_grad_enabled() and "_hf_lowmem_offload_cm" not in mod.__dict__:
+            offloader.begin_forward(model)
+            cm = offloader.hooks()
+            cm.__enter__()
+            mod._hf_lowmem_offload_cm = cm
+        return None
+
+    def post(mod, args, kwargs, output):
+        cm = mod.__dict__.pop("_hf_lowmem_offload_cm", None)
+        if cm is not None:
+            cm.__exit__(None, None, None)
+            offloader.end_forward()
+        return None
+
+    return [module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+
+@hookimpl
+def hf_lowmem_prepare_model(ctx, model, stage):
+    if stage != "offload" or not ctx.is_selected(NAME):
+        return None
+    opts = ctx.options(NAME) or ActivationOffloadOptions()
+    off = ActivationOffloader(opts.target, opts.dir, opts.min_bytes, opts.prefetch_bytes)
+    handles = install(model, off)
+    ctx.state[NAME] = {"offloader": off, "hooks": handles}
+    logger.info("activation-offload: saved activations of the decoder go to %s%s", opts.target,
+                " (checkpoint inputs only)" if ctx.is_selected("gradient-checkpointing") else "")
+    return None

@@ -1,1 +1,156 @@
-"""(being written) see the issue that owns this plugin."""
+"""``gradient-checkpointing``: recompute decoder layers in backward instead of keeping their activations.
+
+Option ``every_n`` (default 1) checkpoints every n-th decoder layer (layers 0, n, 2n, ...): ``1`` is all
+layers, ``2`` half of them (about half the activation memory saved for ~half the recompute cost).
+
+The plugin patches the model *instance*: each chosen layer gets an instance ``forward`` that runs the
+layer's own forward under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``, and only while
+training with gradients enabled (evaluation and generation run the layer as is). KV-cache arguments are
+dropped inside checkpointed layers, since the recompute would write the cache a second time.
+
+With ``activation-offload`` also selected, checkpointed layers use the reentrant variant instead, because
+that one saves the layer's input through ``ctx.save_for_backward``: the offload plugin's saved-tensor hooks
+then move exactly the checkpoint inputs (one hidden state per layer) to host memory, which is the
+combination that pays off. Same arithmetic either way: the losses equal plain training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+from hf_lowmem import hookimpl
+from hf_lowmem.errors import PluginError
+from hf_lowmem.registry import PluginInfo
+
+logger = logging.getLogger("hf_lowmem")
+
+NAME = "gradient-checkpointing"
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class CheckpointingOptions:
+    #: checkpoint every n-th decoder layer (1 = every layer)
+    every_n: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.every_n, int) or isinstance(self.every_n, bool) or self.every_n < 1:
+            raise ValueError(f"every_n must be an integer >= 1 (1 = checkpoint every layer), got {self.every_n!r}")
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(PluginInfo(
+        name=NAME, kind="offload", options=CheckpointingOptions, lossless=True,
+        help="activation (gradient) checkpointing of every n-th decoder layer, non-reentrant, on the model instance",
+    ))
+
+
+@hookimpl
+def hf_lowmem_validate(ctx):
+    if not ctx.is_selected(NAME):
+        return
+    if getattr(ctx.args, "gradient_checkpointing", False):
+        raise PluginError(
+            "gradient_checkpointing=True and the gradient-checkpointing plugin would both checkpoint the layers. "
+            "Drop gradient_checkpointing=True (the plugin does the same, adds every_n and composes with "
+            "activation-offload), or drop the plugin."
+        )
+
+
+def decoder_layers(model):
+    """The repeated decoder blocks of a transformers model, in order.
+
+    ``GradientCheckpointingLayer`` instances where transformers marks them (every decoder of 5.x), else the
+    ``layers``/``h``/``blocks`` ModuleList of the decoder."""
+    import torch
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = None
+    if GradientCheckpointingLayer is not None:
+        found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        if found:
+            return found
+    base = model
+    for getter in ("get_decoder",):
+        if hasattr(base, getter):
+            try:
+                base = getattr(base, getter)() or base
+            except Exception:  # noqa: BLE001 - some wrappers raise for models without a decoder
+                pass
+    for attr in ("layers", "h", "blocks"):
+        mods = getattr(base, attr, None)
+        if isinstance(mods, torch.nn.ModuleList) and len(mods):
+            return list(mods)
+    for mods in model.modules():
+        if isinstance(mods, torch.nn.ModuleList) and len(mods) > 1 and len({type(m) for m in mods}) == 1:
+            return list(mods)
+    return []
+
+
+def _checkpointed_forward(layer, *args, **kwargs):
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    inner = layer._hf_lowmem_inner_forward
+    if not (layer.training and torch.is_grad_enabled()):
+        return inner(*args, **kwargs)
+    for key in _CACHE_KWARGS:
+        if kwargs.get(key) is not None:
+            kwargs[key] = None
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    if layer._hf_lowmem_reentrant and args and torch.is_tensor(args[0]) and args[0].requires_grad:
+        # Reentrant: the layer input is saved with save_for_backward, where activation-offload's
+        # saved-tensor hooks see it. Keyword arguments are bound (they need no gradient).
+        return checkpoint(partial(inner, **kwargs), *args, use_reentrant=True)
+    return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+
+def apply_checkpointing(model, every_n: int = 1, reentrant: bool = False) -> list[int]:
+    """Checkpoint every ``every_n``-th decoder layer of ``model`` (instance patch). Returns the layer
+    indices checkpointed. Calling it again re-applies with the new settings."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise PluginError(
+            f"gradient-checkpointing found no decoder layers in {type(model).__name__}: it needs a transformers "
+            "decoder (layers under model.model.layers or GradientCheckpointingLayer blocks)"
+        )
+    chosen = []
+    for i, layer in enumerate(layers):
+        remove_checkpointing(layer)
+        if i % every_n:
+            continue
+        layer._hf_lowmem_inner_forward = layer.forward  # the class forward, bound (or an earlier instance patch)
+        layer._hf_lowmem_reentrant = reentrant
+        layer.forward = partial(_checkpointed_forward, layer)
+        chosen.append(i)
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # a KV cache is useless in training and conflicts with recompute
+    return chosen
+
+
+def remove_checkpointing(layer) -> None:
+    inner = layer.__dict__.pop("_hf_lowmem_inner_forward", None)
+    if inner is not None:
+        layer.__dict__.pop("forward", None)
+        if getattr(inner, "__self__", None) is not layer:  # an earlier instance-level forward: restore it
+            layer.forward = inner
+    layer.__dict__.pop("_hf_lowmem_reentrant", None)
+
+
+@hookimpl
+def hf_lowmem_prepare_model(ctx, model, stage):
+    if stage != "offload" or not ctx.is_selected(NAME):
+        return None
+    opts = ctx.options(NAME) or CheckpointingOptions()
+    reentrant = ctx.is_selected("activation-offload")
+    chosen = apply_checkpointing(model, opts.every_n, reentrant=reentrant)
+    ctx.state[NAME] = {"layers": chosen, "reentrant": reentrant}
+    logger.info("gradient-checkpointing: %d of %d decoder layers checkpointed%s", len(chosen),
+                len(decoder_layers(model)), " (reentrant, inputs offloaded)" if reentrant else "")
+    return None

@@ -1,1 +1,221 @@
-"""(being written) see the issue that owns this plugin."""
+"""``chunked-loss``: the causal-LM loss without ever materialising the full logits.
+
+The stock loss computes ``logits = lm_head(hidden)`` for every token (tokens x vocab, upcast to fp32:
+1 GiB at 8,192 tokens and a 32k vocabulary, and as much again for its gradient). This plugin runs the
+decoder (``model.get_decoder()``), then computes the LM head and the cross-entropy in chunks of
+``chunk_size`` tokens inside one ``torch.autograd.Function``: forward keeps only the per-chunk loss sums;
+backward recomputes each chunk's logits and turns them into the gradients of the hidden states and of the
+head's weight (accumulated in fp32) right away. Peak extra memory is one chunk of logits.
+
+The result is scaled exactly like transformers' ``ForCausalLMLoss`` (labels shifted by one, ``-100``
+ignored, logits upcast to fp32; the sum divided by ``num_items_in_batch`` when the Trainer gives it, else
+the mean), so the Trainer's gradient-accumulation arithmetic is unchanged and losses equal plain training
+up to float rounding. Final-logit soft-capping (Gemma 2) and logit scaling (Cohere, Granite) are applied
+per chunk.
+
+Kind: ``offload``. It is an activation-memory technique like checkpointing, and ``offload`` is the one kind
+of which several plugins can be selected at once, so it combines with an attention plugin (``sdpa``,
+``flash-attn``) and with checkpointing.
+
+Single-process only: it calls the decoder directly, which would bypass a DDP/FSDP wrapper's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_lowmem import hookimpl
+from hf_lowmem.errors import PluginError
+from hf_lowmem.registry import PluginInfo
+
+NAME = "chunked-loss"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ChunkedLossOptions:
+    #: tokens per chunk: peak extra memory is chunk_size x vocab x 4 bytes (x2 in backward)
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1 (tokens per chunk), got {self.chunk_size!r}")
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(PluginInfo(
+        name=NAME, kind="offload", options=ChunkedLossOptions, lossless=True, modes=("single",),
+        help="causal-LM loss computed in token chunks (LM head + cross-entropy, recomputed in backward): "
+             "the full logits are never materialised",
+    ))
+
+
+@hookimpl
+def hf_lowmem_validate(ctx):
+    if not ctx.is_selected(NAME):
+        return
+    if getattr(ctx.args, "label_smoothing_factor", 0.0):
+        raise PluginError("chunked-loss computes the plain cross-entropy; it cannot apply label_smoothing_factor="
+                          f"{ctx.args.label_smoothing_factor}. Set label_smoothing_factor=0 or drop chunked-loss.")
+
+
+def _make_function():
+    import torch
+    import torch.nn.functional as F
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        """sum over valid tokens of CE(post(h @ W.T + b), label) / denom, one chunk of rows at a time."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, labels, denom, chunk_size, post):
+            dev = hidden.device.type
+            ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for s in range(0, hidden.shape[0], chunk_size):
+                lab = labels[s:s + chunk_size]
+                logits = post(F.linear(hidden[s:s + chunk_size], weight, bias).float())
+                total = total + F.cross_entropy(logits, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+            ctx.save_for_backward(hidden, weight, bias, labels, denom)
+            ctx.chunk_size, ctx.post = chunk_size, post
+            return total / denom
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            hidden, weight, bias, labels, denom = ctx.saved_tensors
+            enabled, dtype = ctx.autocast
+            dev = hidden.device.type
+            want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+            grad_h = torch.zeros_like(hidden) if want_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+            scale = (grad_out.float() / denom.float())
+            for s in range(0, hidden.shape[0], ctx.chunk_size):
+                lab = labels[s:s + ctx.chunk_size]
+                valid = lab != IGNORE_INDEX
+                h = hidden[s:s + ctx.chunk_size].detach()
+                with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled) if enabled else _null():
+                    raw = F.linear(h, weight.detach(), None if bias is None else bias.detach())  # the recompute
+                logits = raw.float()
+                if ctx.post is not _identity:
+                    logits.requires_grad_(True)
+                    with torch.enable_grad():
+                        post_logits = ctx.post(logits)
+                else:
+                    post_logits = logits
+                # d CE_sum / d post_logits = (softmax - onehot) on rows with a label, 0 elsewhere
+                with torch.no_grad():
+                    g = torch.softmax(post_logits.detach(), dim=-1)
+                    vf = valid.to(g.dtype).unsqueeze(1)
+                    g.scatter_add_(1, lab.clamp_min(0).unsqueeze(1), -vf)
+                    g.mul_(vf * scale)
+                if ctx.post is not _identity:  # chain rule through soft-capping / scaling
+                    (g,) = torch.autograd.grad(post_logits, logits, g)
+                g_raw = g.to(raw.dtype)
+                del raw, logits, post_logits, g
+                w = weight.detach()
+                with torch.no_grad():
+                    if want_h:
+                        grad_h[s:s + ctx.chunk_size] = g_raw @ w.to(g_raw.dtype)
+                    if want_w:  # fp32 accumulator; the chunk's product stays in the compute dtype
+                        grad_w.add_(g_raw.t() @ h.detach().to(g_raw.dtype))
+                    if want_b:
+                        grad_b.add_(g_raw.float().sum(0))
+            return (grad_h, grad_w.to(weight.dtype) if want_w else None,
+                    grad_b.to(bias.dtype) if want_b else None, None, None, None, None)
+
+    return ChunkedLinearCrossEntropy
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _identity(x):
+    return x
+
+
+_FN = None
+
+
+def chunked_linear_cross_entropy(hidden, weight, bias, labels, denom, chunk_size: int = 1024, post=None):
+    """``sum CE(post(hidden @ weight.T + bias), labels) / denom`` over rows with a label != -100, computed
+    ``chunk_size`` rows at a time; backward recomputes each chunk. ``hidden`` is (N, H), ``labels`` (N,),
+    ``denom`` a scalar tensor."""
+    global _FN
+    if _FN is None:
+        _FN = _make_function()
+    return _FN.apply(hidden, weight, bias, labels, denom, chunk_size, post or _identity)
+
+
+def _logit_post(config):
+    """The function the model applies to the LM head's output before the loss (identity for Llama)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    mul = getattr(cfg, "logit_scale", None)  # Cohere multiplies
+    div = getattr(cfg, "logits_scaling", None)  # Granite divides
+    if not cap and mul in (None, 1, 1.0) and div in (None, 1, 1.0):
+        return _identity
+
+    def post(x):
+        import torch
+
+        if mul not in (None, 1, 1.0):
+            x = x * mul
+        if div not in (None, 1, 1.0):
+            x = x / div
+        if cap:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    return post
+
+
+def _unwrap(model):
+    while True:
+        inner = getattr(model, "module", None)  # DDP / accelerate wrappers
+        if inner is None or inner is model:
+            return model
+        model = inner
+
+
+def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024):
+    """The loss ``model(**inputs).loss`` would give, computed without the full logits."""
+    import torch
+
+    model = _unwrap(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    if head is None or decoder is None or not hasattr(head, "weight"):
+        raise PluginError(f"chunked-loss needs a causal LM with get_decoder() and a linear output head; "
+                          f"{type(model).__name__} has none. Drop chunked-loss for this model.")
+    labels = inputs.get("labels")
+    shift_labels = inputs.get("shift_labels")
+    if labels is None and shift_labels is None:
+        raise PluginError("chunked-loss needs `labels` in the batch (the data collator must provide them)")
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
+    kwargs["use_cache"] = False
+    out = decoder(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    if num_items_in_batch is None:
+        denom = (shift_labels != IGNORE_INDEX).sum().to(torch.float32)
+    else:
+        denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
+    return chunked_linear_cross_entropy(hidden, head.weight, getattr(head, "bias", None), shift_labels, denom,
+                                        chunk_size, _logit_post(model.config))
+
+
+@hookimpl
+def hf_lowmem_compute_loss(ctx, model, inputs, num_items_in_batch):
+    if not ctx.is_selected(NAME):
+        return None
+    opts = ctx.options(NAME) or ChunkedLossOptions()
+    return causal_lm_chunked_loss(model, inputs, num_items_in_batch, opts.chunk_size)
