@@ -1,1 +1,268 @@
-"""(being written) see the issue that owns this plugin."""
+"""``bnb-nf4`` and ``bnb-int8``: frozen weights stored by bitsandbytes, for adapter training (LoRA etc.).
+
+The plugin swaps, on the model instance, every ``nn.Linear`` whose weight is **frozen** for a bitsandbytes
+``Linear4bit`` (NF4 or FP4, optional double quantization) or ``Linear8bitLt`` (LLM.int8 with outlier
+threshold). Trainable modules (the adapters, a trainable head) stay as they are. This is what
+``BitsAndBytesConfig`` does at load time, applied to a model you already have, e.g. a ``peft`` model::
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16), LoraConfig(...))
+    args = LowMemTrainingArguments(..., lowmem_quantization="bnb-nf4")
+
+bitsandbytes weights cannot be trained, so a model whose parameters all train is refused with a
+:class:`~hf_lowmem.errors.PluginError` saying what to do instead (adapters, or ``int8-weights`` for
+full-parameter training). Where the bitsandbytes build has no CPU kernels, a CPU run is refused at
+validation (bitsandbytes >= 0.48 runs both on the CPU; CUDA is where it pays off).
+
+Saving: a ``peft`` model saves its adapters only (as peft does). Any other model is saved with the
+quantized weights dequantized back to their original dtype and names (``save_dequantized``), so the
+folder is a standard checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from hf_lowmem import hookimpl
+from hf_lowmem.errors import PluginError
+from hf_lowmem.registry import PluginInfo
+
+logger = logging.getLogger("hf_lowmem")
+
+NF4, INT8 = "bnb-nf4", "bnb-int8"
+NAMES = (NF4, INT8)
+
+
+@dataclass
+class Bnb4bitOptions:
+    #: "nf4" (normal float, for normally distributed weights) or "fp4"
+    quant_type: str = "nf4"
+    #: quantize the quantization constants too (~0.4 bits/param saved)
+    double_quant: bool = True
+    #: dtype the matmuls run in: "bfloat16", "float16", "float32" (default: the weight's dtype)
+    compute_dtype: str | None = None
+    #: Linear modules (name suffixes) to keep unquantized; the output head is always kept
+    skip_modules: list = field(default_factory=list)
+    #: save non-peft models with the weights dequantized to their original dtype (a standard checkpoint)
+    save_dequantized: bool = True
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.compute_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}")
+
+
+@dataclass
+class Bnb8bitOptions:
+    #: LLM.int8 outlier threshold (input features above it run in 16 bit); 0 disables the decomposition
+    threshold: float = 6.0
+    #: Linear modules (name suffixes) to keep unquantized; the output head is always kept
+    skip_modules: list = field(default_factory=list)
+    #: save non-peft models with the weights dequantized to their original dtype (a standard checkpoint)
+    save_dequantized: bool = True
+
+    def __post_init__(self):
+        if float(self.threshold) < 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    common = dict(kind="quantization", requires=("bitsandbytes",), extra="bnb", lossless=False,
+                  modes=("single", "ddp"),
+                  incompatible={"stream": "the weight-streaming engine trains all parameters; bnb weights are frozen",
+                                "int8-weights": "one quantization plugin at a time"})
+    register(PluginInfo(name=NF4, options=Bnb4bitOptions, **common,
+                        help="frozen Linear weights in 4-bit NF4 (bitsandbytes Linear4bit), for adapter training"))
+    register(PluginInfo(name=INT8, options=Bnb8bitOptions, **common,
+                        help="frozen Linear weights in 8-bit LLM.int8 (bitsandbytes Linear8bitLt), for adapter training"))
+
+
+# ---- checks --------------------------------------------------------------------------------------------
+_CPU_PROBE: dict[str, str | None] = {}
+
+
+def cpu_support_error(name: str) -> str | None:
+    """``None`` if this bitsandbytes build runs ``name``'s layer forward and backward on the CPU, else why not."""
+    if name in _CPU_PROBE:
+        return _CPU_PROBE[name]
+    import torch
+
+    try:
+        lin = torch.nn.Linear(64, 64).requires_grad_(False)
+        q = _quantized_linear(name, lin, _default_options(name), torch.float32)
+        x = torch.randn(2, 64, requires_grad=True)
+        q(x).sum().backward()
+        err = None if x.grad is not None and torch.isfinite(x.grad).all() else "the backward pass gave no gradient"
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+        err = f"{type(e).__name__}: {e}"
+    _CPU_PROBE[name] = err
+    return err
+
+
+def _default_options(name):
+    return Bnb4bitOptions() if name == NF4 else Bnb8bitOptions()
+
+
+def check_trainable(model, name: str) -> None:
+    """Refuse a model that would train all its parameters (bnb weights are frozen), or none."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise PluginError(f"{name}: no parameter of the model requires grad, so there is nothing to train")
+    if len(trainable) == len(params):
+        raise PluginError(
+            f"{name} stores frozen weights with bitsandbytes, but every parameter of this model is trainable "
+            "(full-parameter training). Train adapters instead: wrap the model with peft "
+            "(model = get_peft_model(model, LoraConfig(...))) or freeze the base weights yourself; for "
+            "full-parameter training with 8-bit weight storage use lowmem_quantization='int8-weights'."
+        )
+
+
+# ---- conversion --------------------------------------------------------------------------------------------
+def _dtype(name: str | None, fallback):
+    import torch
+
+    return getattr(torch, name) if name else fallback
+
+
+def _quantized_linear(name, lin, opts, compute_dtype):
+    import bitsandbytes as bnb
+
+    w = lin.weight
+    if name == NF4:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=opts.double_quant, quant_type=opts.quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, compress_statistics=opts.double_quant,
+                                     quant_type=opts.quant_type, module=q)
+    else:
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False, has_fp16_weights=False,
+                                threshold=float(opts.threshold), device="meta")
+        q.weight = bnb.nn.Int8Params(w.data, requires_grad=False, has_fp16_weights=False)
+    q.bias = lin.bias
+    q._hf_lowmem_orig_dtype = w.dtype
+    q = q.to(w.device)  # bitsandbytes quantizes when the weight is moved to its device
+    q.train(lin.training)
+    return q
+
+
+def convert_model(model, name: str, opts, compute_dtype=None) -> list[str]:
+    """Swap frozen ``nn.Linear`` modules for bitsandbytes layers. Returns the converted module names."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = list(opts.skip_modules or [])
+    converted = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear or child is head or child.weight.requires_grad:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if any(full == s or full.endswith("." + s) for s in skip):
+                continue
+            cdt = _dtype(getattr(opts, "compute_dtype", None), compute_dtype or child.weight.dtype)
+            setattr(parent, child_name, _quantized_linear(name, child, opts, cdt))
+            converted.append(full)
+    return converted
+
+
+def _is_bnb(m) -> bool:
+    return type(m).__module__.startswith("bitsandbytes") and type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def dequantized_weight(m):
+    """The weight of a bitsandbytes ``Linear4bit``/``Linear8bitLt`` in its original dtype, on the CPU."""
+    import bitsandbytes.functional as BF
+    import torch
+
+    dtype = getattr(m, "_hf_lowmem_orig_dtype", None) or torch.bfloat16
+    w = m.weight
+    if type(m).__name__ == "Linear4bit":
+        out = BF.dequantize_4bit(w.data, w.quant_state)
+    else:
+        scb = getattr(w, "SCB", None)
+        if scb is None:
+            scb = m.state.SCB
+        out = w.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    return out.to(dtype).cpu()
+
+
+def _unwrap(model):
+    while getattr(model, "module", None) is not None and model.module is not model:
+        model = model.module
+    return model
+
+
+def dequantize_state_dict(model, state_dict) -> int:
+    """Replace the bitsandbytes entries of ``state_dict`` by ``<name>.weight`` in the original dtype."""
+    n = 0
+    for name, m in _unwrap(model).named_modules():
+        if not _is_bnb(m):
+            continue
+        prefix = f"{name}." if name else ""
+        wkey = prefix + "weight"
+        if wkey not in state_dict:
+            continue
+        for k in [k for k in state_dict if k.startswith(wkey + ".") or k in (prefix + "SCB", prefix + "weight_format")]:
+            del state_dict[k]
+        state_dict[wkey] = dequantized_weight(m)
+        n += 1
+    return n
+
+
+# ---- hooks -------------------------------------------------------------------------------------------------
+@hookimpl
+def hf_lowmem_validate(ctx):
+    name = ctx.selected("quantization")
+    if name not in NAMES:
+        return
+    import torch
+
+    if getattr(ctx.args, "use_cpu", False) or not torch.cuda.is_available():
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception:  # noqa: BLE001 - the core validation reports the missing extra
+            return
+        err = cpu_support_error(name)
+        if err:
+            raise PluginError(f"{name}: this bitsandbytes build cannot run on the CPU ({err}). Run on a CUDA GPU, "
+                              "or upgrade bitsandbytes (>= 0.48 has CPU kernels).")
+
+
+@hookimpl
+def hf_lowmem_prepare_model(ctx, model, stage):
+    if stage != "quantization":
+        return None
+    name = ctx.selected("quantization")
+    if name not in NAMES:
+        return None
+    opts = ctx.options(name) or _default_options(name)
+    root = _unwrap(model)
+    check_trainable(root, name)
+    import torch
+
+    compute = None
+    if getattr(ctx.args, "bf16", False):
+        compute = torch.bfloat16
+    elif getattr(ctx.args, "fp16", False):
+        compute = torch.float16
+    converted = convert_model(root, name, opts, compute)
+    if not converted:
+        raise PluginError(f"{name}: no frozen nn.Linear to quantize (skip_modules={opts.skip_modules}). Freeze the "
+                          "base weights (peft does) or drop the quantization plugin.")
+    ctx.state[name] = {"modules": converted}
+    logger.info("%s: %d frozen Linear modules quantized with bitsandbytes", name, len(converted))
+    return None
+
+
+@hookimpl
+def hf_lowmem_before_save(ctx, model, state_dict):
+    name = ctx.selected("quantization")
+    if name not in NAMES:
+        return None
+    opts = ctx.options(name) or _default_options(name)
+    if not opts.save_dequantized or hasattr(_unwrap(model), "peft_config"):
+        return None  # peft saves the adapters only
+    dequantize_state_dict(model, state_dict)
+    return None
