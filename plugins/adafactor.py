@@ -1,1 +1,85 @@
-"""(being written) see the issue that owns this plugin."""
+"""Adafactor (``transformers.optimization.Adafactor``) as the hf-lowmem plugin ``adafactor``.
+
+Adafactor keeps a factored second moment (a row and a column vector per weight matrix) and, by default
+here, no first moment: its state is O(m + n) per m x n matrix instead of AdamW's 2 m n.
+
+Defaults are the fine-tuning settings the transformers documentation recommends: the Trainer's learning
+rate and schedule (``relative_step=False``, ``scale_parameter=False``, ``warmup_init=False``), update
+clipping at RMS 1.0, and the Trainer's weight-decay groups. ``relative_step=True`` selects Adafactor's own
+time-dependent step size instead; the plugin then gives the Trainer Adafactor's schedule
+(``AdafactorSchedule``, which reports that step size as the learning rate), so ``learning_rate`` and
+``lr_scheduler_type`` no longer apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_lowmem import hookimpl
+from hf_lowmem.registry import PluginInfo
+
+NAME = "adafactor"
+
+
+@dataclass
+class AdafactorOptions:
+    """Options of the ``adafactor`` plugin (names as in ``transformers.optimization.Adafactor``).
+
+    :param scale_parameter: scale the step by the RMS of the parameter.
+    :param relative_step: Adafactor's own time-dependent step size instead of the Trainer's learning rate.
+    :param warmup_init: warm the relative step up (needs ``relative_step``).
+    :param clip_threshold: cap on the RMS of the update.
+    :param decay_rate: exponent of the second-moment decay (``-0.8``).
+    :param beta1: first-moment decay; ``None`` keeps no first moment (the memory saving).
+    :param eps: regularisation constants for the squared gradient and the parameter scale.
+    """
+
+    scale_parameter: bool = False
+    relative_step: bool = False
+    warmup_init: bool = False
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+    beta1: float | None = None
+    eps: list[float] = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.eps is None:
+            self.eps = [1e-30, 1e-3]
+        if len(self.eps) != 2:
+            raise ValueError(f"eps must be two numbers, got {self.eps!r}")
+        if self.warmup_init and not self.relative_step:
+            raise ValueError("warmup_init=True needs relative_step=True")
+        if self.beta1 is not None and not 0.0 <= self.beta1 < 1.0:
+            raise ValueError(f"beta1 must be in [0, 1) or null, got {self.beta1!r}")
+        if self.clip_threshold <= 0:
+            raise ValueError(f"clip_threshold must be > 0, got {self.clip_threshold!r}")
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(PluginInfo(
+        name=NAME, kind="optimizer", options=AdafactorOptions, lossless=False,
+        help="Adafactor (transformers): factored second moment, no first moment by default; fine-tuning defaults",
+    ))
+
+
+@hookimpl
+def hf_lowmem_create_optimizer(ctx, model, trainer):
+    if ctx.selected("optimizer") != NAME:
+        return None
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    from hf_lowmem_plugins.core import trainer_param_groups
+
+    o = ctx.options(NAME) or AdafactorOptions()
+    groups = [g for g in trainer_param_groups(trainer, model) if g["params"]]
+    optimizer = Adafactor(
+        groups, lr=None if o.relative_step else ctx.args.learning_rate, eps=tuple(o.eps),
+        clip_threshold=o.clip_threshold, decay_rate=o.decay_rate, beta1=o.beta1,
+        weight_decay=ctx.args.weight_decay, scale_parameter=o.scale_parameter,
+        relative_step=o.relative_step, warmup_init=o.warmup_init,
+    )
+    if o.relative_step and getattr(trainer, "lr_scheduler", None) is None:
+        # the Trainer only builds a scheduler when it has none; a LambdaLR over lr=None would fail
+        trainer.lr_scheduler = AdafactorSchedule(optimizer)
+    return optimizer
