@@ -79,7 +79,7 @@ class StreamEngine:
                  optimizer_name: str | None = None, param_groups: list[dict] | None = None):
         self.options = options or StreamOptions()
         self.args, self.trainer = args, trainer
-        self.dev = Device(args.device)
+        self.dev = Device(args.device, profile=self.options.profile)
         self.anat: Anatomy = find_anatomy(model)
         self.blocks: list[Block] = self.anat.blocks
         self.num_blocks = len(self.blocks)
@@ -252,6 +252,11 @@ class StreamEngine:
                         "todo": set(range(self.num_blocks))}
         self._clip_coef = 1.0
 
+    def profile_totals(self) -> dict[str, float]:
+        """Seconds of copy-stream and compute-segment time, and GB copied, summed since the start
+        (``options.profile`` only; synchronizes)."""
+        return dict(self.dev.profile.collect()) if self.dev.profile is not None else {}
+
     def discard_pending(self) -> None:
         self.pending = None
         self._prefetched.clear()
@@ -393,7 +398,8 @@ class StreamEngine:
             if f.update:
                 self.dev.wait(gev)
                 lr = f.lrs[self.optimizer._group_of[id(p)]]
-                self.optimizer.update(p, master, grad.float(), states, lr, f.clip)
+                with self.dev.segment("optimizer"):
+                    self.optimizer.update(p, master, grad.float(), states, lr, f.clip)
                 self._master_ev[id(p)] = self.dev.to_host(master, p.data)
                 st = self.optimizer.state[p]
                 for key, t in states.items():
@@ -440,12 +446,14 @@ class StreamEngine:
             self._prefetch(0)
             W = self._load(0)
             self._prefetch(1)
-            carry = [self._embed(W, mb) for mb in mbs]
+            with self.dev.segment("forward"):
+                carry = [self._embed(W, mb) for mb in mbs]
             for k in range(1, n_layers + 1):
                 self._stash(k - 1, carry, mbs, es)
                 W = self._load(k)
                 self._prefetch(k + 1)
-                carry = [self._layer(k, W, h, mb) for h, mb in zip(carry, mbs)]
+                with self.dev.segment("forward"):
+                    carry = [self._layer(k, W, h, mb) for h, mb in zip(carry, mbs)]
         # 2. head: loss and its gradient at once
         hk = self.num_blocks - 1
         W = self._load(hk)
@@ -454,7 +462,8 @@ class StreamEngine:
         accs = self._new_accs(hk)
         losses, sumsq = [], torch.zeros((), device=dev.device, dtype=torch.float32)
         for i, (h, mb) in enumerate(zip(carry, mbs)):
-            loss_i, dx = self._head_fwd_bwd(leaves, h, mb, scales[i], accs)
+            with self.dev.segment("head"):
+                loss_i, dx = self._head_fwd_bwd(leaves, h, mb, scales[i], accs)
             losses.append(loss_i)
             carry[i] = dx
         sumsq = self._store_grads(hk, accs, sumsq)
@@ -467,12 +476,12 @@ class StreamEngine:
             names = list(leaves)
             for i, mb in enumerate(mbs):
                 h = self._unstash(k - 1, mb, es).requires_grad_(True)
-                with torch.enable_grad():
+                with self.dev.segment("backward"), torch.enable_grad():
                     out = self._layer(k, leaves, h, mb)
                     grads = torch.autograd.grad(out, [h] + [leaves[n] for n in names], carry[i])
-                carry[i] = grads[0]
-                for n, g in zip(names, grads[1:]):
-                    self._accumulate(accs, n, g)
+                    carry[i] = grads[0]
+                    for n, g in zip(names, grads[1:]):
+                        self._accumulate(accs, n, g)
                 del out, grads, h
             sumsq = self._store_grads(k, accs, sumsq)
         W = self._load(0)
@@ -606,31 +615,44 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
                            tokens_per_micro_batch: int, micro_batches: int, compute_bytes: int = 2,
                            state_format: str = "8bit", loss_chunk_tokens: int = 2048,
                            masters_exist: bool = False) -> dict:
-    """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated) and ``host_bytes``, each
-    with a breakdown. ``block_params``: parameters of [embedding, layer 1..N, norm+head]."""
+    """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated: the larger of the forward
+    phase, where pending updates run, and the backward phase, where layers are recomputed) and
+    ``host_bytes``, each with a breakdown. ``block_params``: parameters of [embedding, layer 1..N, norm+head]."""
     P = sum(block_params)
     layers = block_params[1:-1]
     big = max(block_params)
     T, H, I = tokens_per_micro_batch, hidden_size, intermediate_size
     window = T * micro_batches
     state_b = 2.0 + 8 / 256 if state_format == "8bit" else 8.0
-    gpu = {
-        # the block in use and the next one in flight, in the compute dtype, plus the fp32 masters being cast
-        "weights": int(2 * big * compute_bytes + big * 4),
-        # a pending update: fp32 master, fp32 gradient and states of one block, twice (one in flight)
-        "update_staging": int(2 * big * (4 + 4 + compute_bytes + state_b)),
-        "gradients": int(big * 4),
-        # hidden states of the whole window: the block's inputs and outputs (or gradients)
-        "hidden_states": int(2 * window * H * compute_bytes),
-        # one layer's activations for one micro-batch during recompute + backward
-        "activations": int(T * (16 * H + 6 * I) * compute_bytes),
-        "logits": int(min(loss_chunk_tokens, T) * vocab_size * (4 + compute_bytes) * 2),
-        "framework": int(0.25 * GiB),
+    cb = compute_bytes
+    # forward: the block in use (compute dtype), its update being written back (fp32 master, states, fp32 and
+    # stored gradient), the next block in flight (fp32 master, states, stored gradient), the window's hidden
+    # states in and out, one micro-batch's no-grad activations
+    forward = {
+        "weights": int(big * cb),
+        "update_staging": int(big * (4 + state_b + 4 + cb) + big * (4 + state_b + cb)),
+        "hidden_states": int(2 * window * H * cb),
+        "activations": int(T * (2 * H + 3 * I) * cb),
     }
+    # backward: the block in use and the next one (fp32 in flight, then cast), fp32 gradient sums, the window's
+    # output gradients and one stashed input, one micro-batch's activations for recompute + backward
+    backward = {
+        "weights": int(big * (2 * cb + 4)),
+        "gradients": int(big * (4 + cb)),
+        "hidden_states": int(window * H * cb + 2 * T * H * cb),
+        "activations": int(T * (16 * H + 6 * I) * cb),
+    }
+    head = {"logits": int(min(loss_chunk_tokens, T) * vocab_size * (4 + cb) * 2),
+            "weights": int(block_params[-1] * (2 * cb + 4)), "hidden_states": int(2 * window * H * cb)}
+    phases = {"forward": forward, "backward": backward, "head": head}
+    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
+    gpu = dict(phases[peak_phase])
+    gpu["framework"] = int(0.25 * GiB)
     host = {
         "master_weights": 0 if masters_exist else int(P * 4),
         "optimizer_states": int(P * state_b),
-        "activation_stash": int(len(layers) * window * H * compute_bytes),
-        "gradients": int(block_params[-1] * compute_bytes + max(0, block_params[0] * compute_bytes - window * H * compute_bytes)),
+        "activation_stash": int(len(layers) * window * H * cb),
+        "gradients": int(block_params[-1] * cb + max(0, block_params[0] * cb - window * H * cb)),
     }
-    return {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host}
+    return {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
+            "gpu_peak_phase": peak_phase, "gpu_phases": {k: sum(v.values()) for k, v in phases.items()}}

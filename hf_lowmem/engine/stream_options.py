@@ -19,6 +19,7 @@ class StreamOptions:
     :param gpu_memory: GPU budget to check against (e.g. ``"8GB"``); default: free memory under the
         process's cap (``torch.cuda.set_per_process_memory_fraction``).
     :param host_memory: host budget to check against; default: available RAM.
+    :param profile: time copies and compute with CUDA events (``engine.profile_totals()``), for benchmarks.
     """
 
     states: str = "auto"
@@ -26,6 +27,7 @@ class StreamOptions:
     check_memory: bool = True
     gpu_memory: str | None = None
     host_memory: str | None = None
+    profile: bool = False
 
     def __post_init__(self):
         if self.states not in ("auto", "fp32", "8bit"):
