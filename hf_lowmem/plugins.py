@@ -199,6 +199,9 @@ class PluginHost:
     def before_save(self, *, ctx, model, state_dict) -> None:
         self.pm.hook.hf_lowmem_before_save(ctx=ctx, model=model, state_dict=state_dict)
 
+    def estimate_memory(self, *, plan, name, options, estimate):
+        return self.pm.hook.hf_lowmem_estimate_memory(plan=plan, name=name, options=options, estimate=estimate)
+
 
 def load_plugins(**kwargs: Any) -> PluginHost:
     """Load plugins into a fresh :class:`PluginHost` (safe to call twice; tests get a clean state).

@@ -172,3 +172,31 @@ def hf_lowmem_before_save(ctx: LowMemContext, model: torch.nn.Module, state_dict
     :param state_dict: name to tensor; modify it in place.
     :return: nothing.
     """
+
+
+@hookspec(firstresult=True)
+def hf_lowmem_estimate_memory(plan: Any, name: str, options: Any, estimate: Any) -> Any:
+    """Return the memory estimate of a plan that selects your plugin ``name``: your plugin's memory model.
+
+    Called by the memory planner (:mod:`hf_lowmem.planner`: ``hf-lowmem plan``, and
+    ``LowMemTrainingArguments(lowmem_gpu_memory=...)``) for each plugin name in a plan, in the order
+    ``quantization``, ``attention``, ``offload``, ``optimizer``, after the planner's built-in models
+    (first-party plugins) have produced ``estimate``. Answer only when ``name`` is one of yours; the
+    planner never loads a model or touches a GPU here, and neither should you. Plugins without a memory
+    model (no built-in one, ``None`` here) are never chosen by the planner automatically; when a user
+    selects one, the estimate says it is not counted. ``firstresult``: the first non-``None`` result wins,
+    so a third-party implementation overrides a first-party one.
+
+    :param plan: a :class:`hf_lowmem.planner.PlanInput`: ``plan.shape`` (parameter counts per block, hidden
+        size, heads, vocabulary), ``plan.setup`` (micro-batch, sequence length, accumulation, precision,
+        device), ``plan.selection`` / ``plan.names()`` (every plugin of the plan), ``plan.device`` (rates).
+    :param name: the plugin being asked about.
+    :param options: its parsed options dataclass (``None`` if it takes none).
+    :param estimate: the :class:`hf_lowmem.planner.MemoryEstimate` so far. Its ``gpu`` dict maps
+        components (``weights``, ``gradients``, ``optimizer states``, ``activations``, ``logits``,
+        ``temporaries``, ``transfer buffers``, ``framework overhead``) to bytes at the GPU peak, and sums
+        to the predicted ``torch.cuda.max_memory_allocated``; ``gpu_extra`` is GPU memory outside torch's
+        allocator; ``host`` is host RAM; ``speed`` is throughput relative to unlimited GPU memory.
+    :return: a new :class:`~hf_lowmem.planner.MemoryEstimate` (e.g. ``estimate.replace(...)`` with your
+        components changed), or ``None`` when ``name`` is not yours.
+    """
