@@ -548,8 +548,19 @@ def _changed_options(opts: Any) -> dict[str, Any]:
     if opts is None or not dataclasses.is_dataclass(opts):
         return {}
     out = {}
+    try:
+        defaults = type(opts)()  # defaults after __post_init__ normalisation
+    except Exception:
+        defaults = None
     for f in dataclasses.fields(opts):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
         if getattr(opts, f.name) != default:
             out[f.name] = getattr(opts, f.name)
     return out
@@ -759,17 +770,23 @@ def _m_chunked_loss(inp: PlanInput, st: _Step, name: str) -> None:
 
 def _m_int8_weights(inp: PlanInput, st: _Step, name: str) -> None:
     sh, su = inp.shape, inp.setup
+    block = int(inp.option(name, "block_size", 128))
+    master = 2 if inp.option(name, "master_dtype", "float32") == "bfloat16" else 4
     lin = sh.linear_layer_params * sh.n_layers
     rows = sum(r for _, (r, _c) in sh.layer_matrices) * sh.n_layers
-    st.weights -= lin * su.param_bytes
-    st.weights += lin * 1 + rows * 4
+    scales = lin / block * 4 if block else rows * 4
+    st.weights += lin * 1 + scales - lin * su.param_bytes
+    if inp.option(name, "include_lm_head", False) and sh.head_params:
+        st.weights += sh.head_params * (1 + 4 / max(block, 1) - su.param_bytes)
     st.cache = [0.0] * sh.n_layers  # the dequantised weights are not autocast-cached leaves
     big = max((r * c for _, (r, c) in sh.layer_matrices), default=0)
-    st.fwd_ws = [w + big * su.compute_bytes for w in st.fwd_ws]
-    st.bwd_ws = [w + big * su.compute_bytes for w in st.bwd_ws]
-    st.dequant_bytes += lin * (1 + su.compute_bytes) * 3  # forward, recompute/backward, requantise
-    st.notes.append("int8-weights: decoder-layer projections stored int8 with a per-row fp32 scale; gradients and "
-                    "optimizer states in the master dtype")
+    st.fwd_ws = [w + big * (4 + su.compute_bytes) for w in st.fwd_ws]
+    st.bwd_ws = [(a + big * (4 + su.compute_bytes), b + big * (4 + su.compute_bytes)) for a, b in st.bwd_ws]
+    # the update runs one layer at a time on dequantised masters (and upcast gradients)
+    st.opt_ws += sh.linear_layer_params * (master + 4)
+    st.dequant_bytes += lin * (1 + su.compute_bytes) * 3  # forward, backward, write-back
+    st.notes.append(f"int8-weights: decoder projections stored int8 + an fp32 scale per {block or 'row'} columns; "
+                    "gradients in the model's dtype; one layer's masters exist during its update")
 
 
 def _adamw_states(inp: PlanInput, st: _Step) -> None:
@@ -784,37 +801,54 @@ def _m_adamw(inp: PlanInput, st: _Step, name: str) -> None:
     _adamw_states(inp, st)
 
 
-def _bnb8_state_bytes(n: int, min_8bit: int = 4096) -> float:
+def _bnb8_state_bytes(n: int, min_8bit: int = 4096, states: int = 2) -> float:
+    """Bytes of ``states`` bitsandbytes optimizer states for a tensor of ``n`` elements: 1 byte each plus a
+    fp32 absmax per 256-element block; tensors under ``min_8bit`` elements keep fp32 states."""
     if n < min_8bit:
-        return 8.0 * n
-    return 2.0 * n + 2 * 4 * math.ceil(n / 256)
+        return 4.0 * states * n
+    return states * (n + 4 * math.ceil(n / 256))
 
 
-def _all_param_sizes(sh: ModelShape) -> Iterable[int]:
-    one_layer_vec = [p for p in [sh.layer_params[0] - sh.linear_layer_params]] if sh.layer_params else []
-    for i in range(sh.n_layers):
+def _all_param_sizes(sh: ModelShape) -> Iterable[tuple[str, int]]:
+    """(kind, numel) of every parameter tensor: kind is ``layer``, ``vector``, ``embed``, ``head`` or ``other``."""
+    vec = sh.layer_params[0] - sh.linear_layer_params if sh.layer_params else 0
+    for _ in range(sh.n_layers):
         for _, (r, c) in sh.layer_matrices:
-            yield r * c
-        for v in one_layer_vec:
-            yield v
-    yield sh.embed_params
+            yield "layer", r * c
+        if vec:
+            yield "vector", vec
+    yield "embed", sh.embed_params
     if sh.head_params:
-        yield sh.head_params
+        yield "head", sh.head_params
     if sh.other_params:
-        yield sh.other_params
+        yield "other", sh.other_params
 
 
-def _m_bnb_adamw8bit(inp: PlanInput, st: _Step, name: str) -> None:
-    states = sum(_bnb8_state_bytes(n) for n in _all_param_sizes(inp.shape))
-    if name.startswith("bnb-paged"):
+#: bitsandbytes optimizers: name -> (number of states, bits per state)
+_BNB = {"bnb-adamw8bit": (2, 8), "bnb-paged-adamw8bit": (2, 8), "bnb-paged-adamw32bit": (2, 32),
+        "bnb-lamb8bit": (2, 8), "bnb-lion8bit": (1, 8)}
+
+
+def _m_bnb(inp: PlanInput, st: _Step, name: str) -> None:
+    n_states, bits = _BNB[name]
+    min8 = int(inp.option(name, "min_8bit_size", 4096))
+    emb32 = bool(inp.option(name, "embeddings_32bit", True))
+    states = 0.0
+    for kind, n in _all_param_sizes(inp.shape):
+        if bits == 32 or (kind == "embed" and emb32):
+            states += 4.0 * n_states * n
+        else:
+            states += _bnb8_state_bytes(n, min8, n_states)
+    if "paged" in name:
         st.states_paged = states
         st.notes.append(f"{name}: states live in CUDA managed (paged) memory, outside torch's allocated count; they "
                         "page out to host RAM when the GPU runs short")
     else:
         st.states = states
     pb = inp.setup.param_bytes
-    st.opt_bytes_per_param = 3 * pb + 4
-    st.opt_kernel_factor = 1.5
+    st.opt_bytes_per_param = 3 * pb + 2 * n_states * bits / 8
+    # calibrated on the peers' run: 8-bit AdamW + checkpointing reached 66% of the ceiling on 7B (~0.1 s/step)
+    st.opt_kernel_factor = 5.0 if bits == 8 else 1.5
 
 
 def _m_adafactor(inp: PlanInput, st: _Step, name: str) -> None:
@@ -878,10 +912,11 @@ def _m_nf4(inp: PlanInput, st: _Step, name: str) -> None:
     sh, su = inp.shape, inp.setup
     lin = sh.linear_layer_params * sh.n_layers
     st.weights -= lin * su.param_bytes
-    st.weights += lin * 0.5 + lin / 64 * 4
+    st.weights += lin * (0.5 + 4 / 64) if name == "bnb-nf4" else lin * (1 + 4 / 4096) + sum(
+        r for _, (r, _c) in sh.layer_matrices) * sh.n_layers * 4
     st.grad_layer = [0.0] * sh.n_layers
-    st.notes.append("bnb-nf4 freezes the quantized base weights (adapter training): their gradients and optimizer "
-                    "states are not counted; add your adapters' own")
+    st.notes.append(f"{name} freezes the quantized base weights (adapter training): their gradients are not "
+                    "counted (optimizer states still are, as if they trained); add your adapters' own")
 
 
 def _m_attention(impl: str) -> Callable[[PlanInput, _Step, str], None]:
@@ -894,14 +929,13 @@ def _m_attention(impl: str) -> Callable[[PlanInput, _Step, str], None]:
 #: plugin name -> its memory model (a function that edits the step replay's inputs)
 BUILTIN_MODELS: dict[str, Callable[[PlanInput, _Step, str], None]] = {
     "adamw": _m_adamw,
-    "bnb-adamw8bit": _m_bnb_adamw8bit,
-    "bnb-paged-adamw8bit": _m_bnb_adamw8bit,
+    **{n: _m_bnb for n in _BNB},
     "adafactor": _m_adafactor,
     "galore-adamw": _m_galore, "galore-adamw8bit": _m_galore, "galore-adafactor": _m_galore,
     "galore-adamw-layerwise": _m_galore, "galore-adamw8bit-layerwise": _m_galore,
     "galore-adafactor-layerwise": _m_galore,
     "int8-weights": _m_int8_weights,
-    "bnb-nf4": _m_nf4,
+    "bnb-nf4": _m_nf4, "bnb-int8": _m_nf4,
     "sdpa": _m_attention("sdpa"), "auto-attention": _m_attention("sdpa"),
     "flash-attn": _m_attention("flash_attention_2"),
     "gradient-checkpointing": _m_checkpointing,
@@ -909,7 +943,8 @@ BUILTIN_MODELS: dict[str, Callable[[PlanInput, _Step, str], None]] = {
     "chunked-loss": _m_chunked_loss,
 }
 #: plugins the built-in planner never picks on its own (it still estimates them when you select them)
-NOT_FOR_FULL_TRAINING = {"bnb-nf4": "freezes the base weights (for adapter training), not full-parameter training"}
+NOT_FOR_FULL_TRAINING = {"bnb-nf4": "freezes the base weights (for adapter training), not full-parameter training",
+                         "bnb-int8": "freezes the base weights (for adapter training), not full-parameter training"}
 #: plugins whose effect is not on memory (their speed effect is left to you)
 MEMORY_NEUTRAL = {"sdpa", "flash-attn", "auto-attention"}
 
@@ -1039,6 +1074,7 @@ def _stream_estimate(inp: PlanInput) -> MemoryEstimate:
             if k not in ("master_weights", "optimizer_states", "activation_stash", "gradients"):
                 host[k.replace("_", " ")] = v
         source = "the stream engine's own memory model"
+        phase = f"{raw.get('gpu_peak_phase', 'backward')} phase of one block"
     except ImportError:
         big = max(sh.block_params())
         sb = 2.0 + 8 / 256 if fmt == "8bit" else 8.0
@@ -1049,9 +1085,10 @@ def _stream_estimate(inp: PlanInput) -> MemoryEstimate:
                 "activation stash (pinned)": sh.n_layers * su.window_tokens * sh.hidden * cb,
                 "gradients (pinned)": sh.params_total * cb}
         source = "the design arithmetic (engine not importable)"
+        phase = "backward of one block (recompute + backward of one micro-batch)"
     host["framework (Python, PyTorch, CUDA libraries)"] = 3 * GiB if su.device == "cuda" else 1 * GiB
     est = MemoryEstimate(gpu={k: int(v) for k, v in gpu.items() if v}, host={k: int(v) for k, v in host.items() if v},
-                         peak_phase="backward of one block (recompute + backward of one micro-batch)")
+                         peak_phase=phase)
     est.notes.append(f"stream: {fmt} optimizer states; memory from {source}")
     # speed: per block, copies overlap compute; the slower of the two sets the pace
     sb = 2.0 + 8 / 256 if fmt == "8bit" else 8.0
@@ -1266,12 +1303,31 @@ class Plan:
     def ok(self) -> bool:
         return self.chosen is not None
 
-    def rejected(self, limit: int | None = None) -> list[Candidate]:
-        """The alternatives faster than (or as fast as) the chosen plan, with why each was not taken; if
-        nothing fits, the fastest ones."""
-        out = [c for c in self.candidates if c is not self.chosen and (
+    @property
+    def smallest_gpu_gib(self) -> float | None:
+        """The smallest GPU budget any plan meets here, in GiB rounded up to 0.1."""
+        if self.smallest is None:
+            return None
+        return math.ceil(gib(self.smallest.estimate.gpu_total) * 10 - 1e-9) / 10
+
+    def rejected(self, limit: int | None = None, frontier: bool = True) -> list[Candidate]:
+        """The alternatives at least as fast as the chosen plan, fastest first, with why each was not taken
+        (all candidates when nothing fits). ``frontier``: only those no other alternative beats on both speed
+        and GPU memory (a faster plan that needs less memory makes a slower, bigger one uninteresting)."""
+        pool = [c for c in self.candidates if c is not self.chosen and (
             self.chosen is None or (c.estimate.speed or 0) >= (self.chosen.estimate.speed or 0) - 1e-9)]
-        return out[:limit] if limit else out
+        if frontier:
+            keep, best_gpu = [], float("inf")
+            for c in sorted(pool, key=lambda c: (-(c.estimate.speed or 0), c.estimate.gpu_total)):
+                if c.estimate.gpu_total < best_gpu or c.unavailable:
+                    keep.append(c)
+                    best_gpu = min(best_gpu, c.estimate.gpu_total) if not c.unavailable else best_gpu
+            pool = keep
+            if self.chosen is not None and not self.chosen.lossless:  # what a lossless run would need
+                lossless = next((c for c in self.candidates if c.lossless and c is not self.chosen), None)
+                if lossless is not None and lossless not in pool:
+                    pool.append(lossless)
+        return pool[:limit] if limit else pool
 
     def budget_error(self) -> MemoryBudgetError:
         su, sh = self.setup, self.shape
@@ -1290,9 +1346,10 @@ class Plan:
                 f"{fmt_gib(low.estimate.host_total)} GiB of host RAM (and {fmt_gib(low.estimate.gpu_total)} GiB of GPU) "
                 f"with {low.label}. Raise lowmem_host_memory, use fewer tokens per step, or a smaller model.")
         s = self.smallest
+        need = self.smallest_gpu_gib
         return MemoryBudgetError(
             f"no plan fits {fmt_gib(self.gpu_budget)} GiB of GPU memory for {what}{with_sel}. The smallest budget that "
-            f"works is {fmt_gib(s.estimate.gpu_total, 1)} GiB (lowmem_gpu_memory=\"{math.ceil(gib(s.estimate.gpu_total) * 10) / 10:g}GiB\"), "
+            f"works is {need:g} GiB (lowmem_gpu_memory=\"{need:g}GiB\"), "
             f"with {s.label} (peak allocated {fmt_gib(s.estimate.gpu_peak_allocated)} GiB + CUDA context and allocator "
             f"slack; host {fmt_gib(s.estimate.host_total)} GiB). Otherwise lower per_device_train_batch_size or the "
             f"sequence length. `hf-lowmem plan` shows the breakdown.")
@@ -1303,9 +1360,14 @@ class Plan:
             "gpu_budget_gib": round(gib(self.gpu_budget), 3), "host_budget_gib": round(gib(self.host_budget), 3),
             "constraints": self.constraints,
             "chosen": self.chosen.to_dict(self.gpu_budget, self.host_budget) if self.chosen else None,
-            "smallest_gpu_budget_gib": round(gib(self.smallest.estimate.gpu_total), 3) if self.smallest else None,
+            "smallest_gpu_budget_gib": self.smallest_gpu_gib,
             "smallest": self.smallest.to_dict(self.gpu_budget, self.host_budget) if self.smallest else None,
             "rejected": [c.to_dict(self.gpu_budget, self.host_budget) for c in self.rejected()],
+            "rejected_all": [{"plugins": c.label, "speed": round(c.estimate.speed or 0, 3),
+                              "gpu_total_gib": round(gib(c.estimate.gpu_total), 3),
+                              "host_total_gib": round(gib(c.estimate.host_total), 3),
+                              "why_not": c.why_not(self.gpu_budget, self.host_budget)}
+                             for c in self.rejected(frontier=False)],
             "candidates": len(self.candidates),
         }
 
