@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hf_lowmem.demo", "train a small Llama on generated text (the main job on an embedded default)"),
     "train": ("hf_lowmem.cli_train", "train a model on your data with LowMemTrainer (HfArgumentParser flags)"),
     "plugins": ("hf_lowmem.cli_plugins", "list every plugin: kind, name, distribution, version, dependencies"),
+    "plan": ("hf_lowmem.cli_plan", "will a model train in this much GPU/host memory, and with which plugins"),
     "export": ("hf_lowmem.cli_export", "export a trained model folder to hf safetensors, ONNX, TorchScript or a torch.export program"),
 }
 
