@@ -12,9 +12,9 @@ overridden with the option ``betas``, bitsandbytes' default for Lion being ``[0.
 Options (``lowmem_options={"bnb-adamw8bit": {...}}``): ``min_8bit_size`` (tensors with fewer elements
 keep 32-bit state; bitsandbytes' default 4096), ``embeddings_32bit`` (keep the states of ``nn.Embedding``
 weights in 32 bits, as bitsandbytes recommends for stability; on by default; set per optimizer instance,
-not through bitsandbytes' process-wide manager), ``betas``, and for LAMB ``max_unorm`` (trust-ratio cap).
-bitsandbytes 0.49 and later always quantize block-wise and no longer offer percentile clipping, so those
-are not options here; use the Trainer's ``max_grad_norm`` for clipping.
+not through bitsandbytes' process-wide manager) and ``betas``. bitsandbytes 0.49 and later always quantize
+block-wise, no longer offer percentile clipping, and fix LAMB's ``max_unorm`` at 1.0, so those are not
+options here; use the Trainer's ``max_grad_norm`` for clipping.
 
 On CPU (bitsandbytes 0.50.2) every one of these runs, through bitsandbytes' CPU kernels (slowly: ~22 M
 params/s measured on a 2-core machine); the paged variants fall back to ordinary CPU tensors there (paging
@@ -60,24 +60,12 @@ class BnbOptions:
             self.betas = [float(b) for b in self.betas]
 
 
-@dataclass
-class BnbLambOptions(BnbOptions):
-    """:class:`BnbOptions` plus ``max_unorm``: LAMB's cap on the update norm relative to the weight norm."""
-
-    max_unorm: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.max_unorm < 0:
-            raise ValueError(f"max_unorm must be >= 0, got {self.max_unorm!r}")
-
-
 @hookimpl
 def hf_lowmem_register(register):
     for name, (_, help_) in VARIANTS.items():
         register(PluginInfo(
             name=name, kind="optimizer", help=help_, requires=("bitsandbytes",), extra="bnb",
-            options=BnbLambOptions if name == "bnb-lamb8bit" else BnbOptions, lossless=False,
+            options=BnbOptions, lossless=False,
             # every variant runs on CPU with bitsandbytes >= 0.48 (the paged ones without paging)
             needs_cuda=False,
         ))
@@ -88,8 +76,6 @@ def _bnb_kwargs(name: str, args, opts: BnbOptions) -> dict:
     kw = dict(lr=args.learning_rate, betas=betas, min_8bit_size=opts.min_8bit_size)
     if name != "bnb-lion8bit":
         kw["eps"] = args.adam_epsilon
-    if name == "bnb-lamb8bit":
-        kw["max_unorm"] = opts.max_unorm
     return kw
 
 
