@@ -218,8 +218,12 @@ def model_from_state(cls, config, state: dict, *, dtype=None, attn_implementatio
     with torch.device("meta"), quiet_transformers():
         skeleton = cls(copy.deepcopy(cfg))
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    tied = _tied_groups(skeleton)
     del skeleton
     dropped = sorted(k for k in state if k not in expected)
+    missing = sorted(k for k in expected if k not in state and not any(t in state for t in tied.get(k, ())))
+    if missing:
+        raise ExportError(_missing_message(cls, missing, dropped))
     kept = {}
     for key, value in state.items():
         if key in dropped:
@@ -233,6 +237,12 @@ def model_from_state(cls, config, state: dict, *, dtype=None, attn_implementatio
             raise ExportError(
                 f"{key!r} has no data (it is on the meta device, e.g. offloaded by a plugin): the plugin must gather it in "
                 f"hf_lowmem_before_save, or its module must implement {DEQUANTIZED_STATE_METHOD}()")
+        if value.numel() > 1 and value.dim() > 0 and all(s == 0 for s in value.stride()):
+            raise ExportError(
+                f"{key!r} is a placeholder with no storage of its own (every stride is 0): a plugin keeps this weight "
+                f"elsewhere (e.g. in int8) and did not restore it. Export the trainer (its plugins' "
+                f"hf_lowmem_before_save then runs), pass ctx=trainer.lowmem_ctx, or give the module a "
+                f"{DEQUANTIZED_STATE_METHOD}() method")
         value = value.to("cpu")
         if value.is_floating_point() and value.dtype != target:
             value = value.to(target)
@@ -249,14 +259,29 @@ def model_from_state(cls, config, state: dict, *, dtype=None, attn_implementatio
             info = {"missing_keys": [], "mismatched_keys": []}
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ExportError(
-            f"{len(missing)} weight(s) of {cls.__name__} are not in the model's state: {', '.join(missing[:6])}"
-            f"{' ...' if len(missing) > 6 else ''}. A plugin replaced the modules holding them; it must restore them in "
-            f"hf_lowmem_before_save or implement {DEQUANTIZED_STATE_METHOD}() on those modules")
+        raise ExportError(_missing_message(cls, missing, dropped))
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if mismatched:
         raise ExportError(f"weights with unexpected shapes: {', '.join(mismatched[:6])}")
     return model.eval(), dropped
+
+
+def _tied_groups(skeleton) -> dict[str, tuple[str, ...]]:
+    """For each parameter name, the other names of the same (tied) parameter."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: tuple(o for o in names if o != n) for names in by_id.values() if len(names) > 1 for n in names}
+
+
+def _missing_message(cls, missing: list[str], dropped: list[str]) -> str:
+    shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
+    modules = {k.rsplit(".", 1)[0] for k in missing}
+    instead = sorted(k for k in dropped if k.rsplit(".", 1)[0] in modules)
+    held = f" (their modules hold {', '.join(sorted({k.rsplit('.', 1)[1] for k in instead}))} instead)" if instead else ""
+    return (f"{len(missing)} weight(s) of {cls.__name__} are not in the model's state: {shown}{held}. A plugin "
+            f"replaced the modules holding them. Export the trainer, or pass ctx=trainer.lowmem_ctx, so the plugins' "
+            f"hf_lowmem_before_save restores them; a plugin module can also implement {DEQUANTIZED_STATE_METHOD}()")
 
 
 def _build_and_load(cls, cfg, state, dtype, attn):
