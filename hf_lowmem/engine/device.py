@@ -4,6 +4,7 @@ copies are synchronous) so that the engine runs one code path on CPU and GPU."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -31,6 +32,16 @@ class _NullStream:
 
     def synchronize(self):
         return None
+
+
+def _unregister_all(registered: dict) -> None:
+    try:
+        cudart = torch.cuda.cudart()
+        for ptr in list(registered):
+            cudart.cudaHostUnregister(ptr)
+    except Exception:  # interpreter shutdown: the CUDA context may already be gone
+        pass
+    registered.clear()
 
 
 class Profile:
@@ -71,6 +82,9 @@ class Device:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.profile = Profile() if (profile and self.cuda) else None
+        # host memory this device page-locked in place: storage pointer -> storage (kept alive until unregistered)
+        self._registered: dict[int, torch.UntypedStorage] = {}
+        weakref.finalize(self, _unregister_all, self._registered)
         if self.cuda:
             self.compute = torch.cuda.current_stream(self.device)
             self.h2d = torch.cuda.Stream(self.device)
@@ -91,11 +105,31 @@ class Device:
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def empty_host(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Host memory for streaming: pinned on a CUDA run (pageable copies run at a third of the speed)."""
-        return torch.empty(numel, dtype=dtype, pin_memory=self.cuda)
+        """Host memory for streaming: page-locked on a CUDA run (pageable copies run at a third of the speed)."""
+        return self.pin(torch.empty(numel, dtype=dtype))
 
     def pin(self, t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory() if self.cuda and not t.is_pinned() else t
+        """``t`` page-locked, in place when possible. PyTorch's pinned allocator rounds every block up to a
+        power of two (a 172 MiB matrix takes 256 MiB), which costs a 7B model ~13 GiB of host RAM; registering
+        the tensor's own memory with ``cudaHostRegister`` costs nothing extra and copies nothing."""
+        if not self.cuda or t.is_pinned():
+            return t
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or ptr in self._registered:
+            return t
+        cudart = torch.cuda.cudart()
+        if cudart.cudaHostRegister(ptr, nbytes, 0) != cudart.cudaError.success:
+            torch.cuda.synchronize()  # clears the sticky error state of the failed call
+            return t.pin_memory()  # e.g. read-only memory mapped from a file: fall back to a pinned copy
+        self._registered[ptr] = storage
+        return t
+
+    def release(self, t: torch.Tensor) -> None:
+        """Undo :meth:`pin` for a tensor about to be dropped (memory must not be freed while registered)."""
+        storage = t.untyped_storage()
+        if self._registered.pop(storage.data_ptr(), None) is not None:
+            torch.cuda.cudart().cudaHostUnregister(storage.data_ptr())
 
     def to_device(self, host: torch.Tensor, after=None) -> tuple[torch.Tensor, object]:
         """Copy ``host`` to the device on the h2d stream (after ``after``, an event); returns the device

@@ -61,6 +61,10 @@ class StreamAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.discard_pending()
+        for st in self.state.values():  # the states being replaced
+            for k, v in st.items():
+                if torch.is_tensor(v) and k != "step":
+                    self.engine.dev.release(v)
         super().load_state_dict(state_dict)
         for p, st in self.state.items():  # back to pinned host memory, where the engine streams from
             for k, v in list(st.items()):

@@ -167,6 +167,8 @@ class StreamEngine:
             self.check_host_memory(window_tokens=window_tokens, already_allocated=False)
         es = torch.empty((), dtype=self.compute_dtype).element_size()
         n_layers = self.anat.num_layers
+        for old in self._slots:
+            self.dev.release(old)
         self._slots = []
         for k in range(self.num_blocks):  # slot k: block k's outputs (k < N), then block k's gradients
             act = need * es if k < n_layers else 0
