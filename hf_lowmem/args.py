@@ -55,6 +55,11 @@ class LowMemFields:
     lowmem_strict_plugins: bool = field(
         default=False, metadata={"help": "Make a plugin that fails to load an error instead of a warning."}
     )
+    lowmem_plot: str | None = field(
+        default=None,
+        metadata={"help": "Write a PNG of memory and throughput over the run (telemetry) to this path; 'auto': "
+                          "OUTPUT_DIR/lowmem_telemetry.png. Needs hf-lowmem[plot] (matplotlib)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()  # type: ignore[misc]
@@ -64,6 +69,7 @@ class LowMemFields:
             if isinstance(value, str) and (not value.strip() or value.strip().lower() == "none"):
                 setattr(self, name, None)
         self.lowmem_options = _parse_options(self.lowmem_options)
+        _check_budgets_and_plot(self)
         # Validate names, options and combinations now, so a bad argument fails before any model is loaded.
         self.lowmem_selection()
 
@@ -84,6 +90,16 @@ class LowMemFields:
             "offload": list(self.lowmem_offload or []),
         }
 
+    def lowmem_plan(self, model_or_config, *, host=None, seq_len=None, train_dataset=None, param_dtype=None):
+        """With ``lowmem_gpu_memory`` set: choose the plugins that fit (keeping the ones you selected) and fill
+        the selection, or raise :class:`~hf_lowmem.errors.MemoryBudgetError` with the smallest budget that works.
+        ``model_or_config``: a model, a config, a config path or a preset name; call it with a config before
+        loading a big model to fail early. ``LowMemTrainer`` calls it for you. See :func:`hf_lowmem.planner.plan_for_args`."""
+        from hf_lowmem.planner import plan_for_args
+
+        return plan_for_args(self, model_or_config, host=host, seq_len=seq_len, train_dataset=train_dataset,
+                             param_dtype=param_dtype)
+
     def lowmem_selection(self, host=None):
         """Resolve the selected plugins against the loaded registry (raises :class:`PluginError`)."""
         from hf_lowmem.context import distributed_mode, resolve_selection
@@ -92,6 +108,22 @@ class LowMemFields:
         if host is None:
             host = load_plugins(strict=True) if self.lowmem_strict_plugins else get_plugin_host()
         return resolve_selection(host, self.lowmem_request(), dict(self.lowmem_options or {}), distributed_mode(self))
+
+
+def _check_budgets_and_plot(args: Any) -> None:
+    from hf_lowmem.planner import parse_size
+
+    if args.lowmem_gpu_memory is not None:
+        parse_size(args.lowmem_gpu_memory, "lowmem_gpu_memory")
+    if args.lowmem_host_memory is not None:
+        parse_size(args.lowmem_host_memory, "lowmem_host_memory")
+    if args.lowmem_plot:
+        import importlib.util
+
+        from hf_lowmem.errors import MissingExtraError
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingExtraError("lowmem_plot", "matplotlib", "plot")
 
 
 def _as_list(value: Any) -> list[str]:

@@ -47,6 +47,13 @@ def run_argv(argv: list[str]) -> int:
 
     parser = HfArgumentParser((ModelDataArguments, LowMemTrainingArguments), prog="hf-lowmem train")
     margs, targs = parser.parse_args_into_dataclasses(args=argv)
+    if targs.lowmem_gpu_memory:  # plan from the config alone: a budget no plan meets fails before weights load
+        from hf_lowmem.errors import MemoryBudgetError
+
+        try:
+            targs.lowmem_plan(margs.model, seq_len=margs.block_size, param_dtype=margs.dtype)
+        except MemoryBudgetError as e:
+            raise SystemExit(f"hf-lowmem train: {e}") from None
     tokenize, tokenizer = tokenizer_for(margs.model if os.path.isdir(margs.model) else None)
     model = build_model(margs.model, margs.dtype)
     if tokenizer is None and model.config.vocab_size < 256:

@@ -92,6 +92,21 @@ def fmt_gib(nbytes: float, digits: int = 2) -> str:
     return f"{nbytes / GiB:.{digits}f}"
 
 
+def fmt_size(nbytes: float) -> str:
+    """``8.00 GiB``, ``536.0 MiB``, ``12.0 KiB``: readable at any scale."""
+    for unit, mult in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if nbytes >= mult:
+            return f"{nbytes / mult:.2f} {unit}" if unit == "GiB" else f"{nbytes / mult:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def size_arg(nbytes: float) -> str:
+    """A budget argument at least ``nbytes``: GiB rounded up to 0.1, or MiB for less than 1 GiB."""
+    if nbytes >= GiB:
+        return f"{math.ceil(nbytes / GiB * 10 - 1e-9) / 10:g}GiB"
+    return f"{max(1, math.ceil(nbytes / MiB))}MiB"
+
+
 # =====================================================================================================
 # model shapes
 # =====================================================================================================
@@ -1342,17 +1357,18 @@ class Plan:
                                          + "; ".join(sorted({c.unavailable or "" for c in self.candidates}))[:500])
             low = min(hosts, key=lambda c: (c.estimate.host_total, c.estimate.gpu_total))
             return MemoryBudgetError(
-                f"no plan fits {fmt_gib(self.host_budget)} GiB of host RAM for {what}{with_sel}: the smallest need is "
-                f"{fmt_gib(low.estimate.host_total)} GiB of host RAM (and {fmt_gib(low.estimate.gpu_total)} GiB of GPU) "
-                f"with {low.label}. Raise lowmem_host_memory, use fewer tokens per step, or a smaller model.")
+                f"no plan fits {fmt_size(self.host_budget)} of host RAM for {what}{with_sel}: the smallest need is "
+                f"{fmt_size(low.estimate.host_total)} of host RAM (lowmem_host_memory=\"{size_arg(low.estimate.host_total)}\"; "
+                f"and {fmt_size(low.estimate.gpu_total)} of GPU) with {low.label}. Use fewer tokens per step, "
+                f"a smaller model, or a machine with more RAM.")
         s = self.smallest
-        need = self.smallest_gpu_gib
+        need = size_arg(s.estimate.gpu_total)
         return MemoryBudgetError(
-            f"no plan fits {fmt_gib(self.gpu_budget)} GiB of GPU memory for {what}{with_sel}. The smallest budget that "
-            f"works is {need:g} GiB (lowmem_gpu_memory=\"{need:g}GiB\"), "
-            f"with {s.label} (peak allocated {fmt_gib(s.estimate.gpu_peak_allocated)} GiB + CUDA context and allocator "
-            f"slack; host {fmt_gib(s.estimate.host_total)} GiB). Otherwise lower per_device_train_batch_size or the "
-            f"sequence length. `hf-lowmem plan` shows the breakdown.")
+            f"no plan fits {fmt_size(self.gpu_budget)} of GPU memory for {what}{with_sel}. The smallest budget that "
+            f"works is {fmt_size(s.estimate.gpu_total)} (lowmem_gpu_memory=\"{need}\"), with {s.label} (predicted "
+            f"peak allocated {fmt_size(s.estimate.gpu_peak_allocated)}, plus CUDA context and allocator slack; host "
+            f"{fmt_size(s.estimate.host_total)}). Otherwise lower per_device_train_batch_size or the sequence "
+            f"length. `hf-lowmem plan` shows the breakdown.")
 
     def to_dict(self) -> dict:
         return {
@@ -1597,3 +1613,90 @@ def host_memory_bytes() -> int:
         except (OSError, ValueError):
             pass
     return int(total)
+
+
+def plan_for_args(args: Any, model_or_config: Any, *, host: Any = None, seq_len: int | None = None,
+                  train_dataset: Any = None, param_dtype: Any = None) -> Plan | None:
+    """Plan for ``LowMemTrainingArguments`` whose ``lowmem_gpu_memory`` is set, and fill their plugin
+    selection with the plan (what ``LowMemTrainer`` and ``hf-lowmem train`` call before the model goes to
+    the GPU). The user's own selections (``lowmem_optimizer`` etc., ``lowmem_options``) are kept: the plan
+    only adds to them. Raises :class:`MemoryBudgetError` stating the smallest budget that works when no
+    plan fits. Returns ``None`` when ``lowmem_gpu_memory`` is not set.
+
+    :param model_or_config: a model object, a ``PretrainedConfig``, a config path or a preset name.
+    :param seq_len: tokens per sequence; default: the first example of ``train_dataset``, else the model's
+        maximum position embeddings capped at 2048 (with a warning).
+    :param param_dtype: the dtype the weights will be loaded in (``torch.bfloat16`` / ``"bfloat16"``) when
+        planning from a config; a model object tells it itself.
+    """
+    import logging
+
+    import torch
+
+    from hf_lowmem.context import distributed_mode
+
+    if not getattr(args, "lowmem_gpu_memory", None):
+        return None
+    logger = logging.getLogger("hf_lowmem")
+    gpu = parse_size(args.lowmem_gpu_memory, "lowmem_gpu_memory")
+    host_b = parse_size(args.lowmem_host_memory, "lowmem_host_memory") if args.lowmem_host_memory else host_memory_bytes()
+    # what the user chose (remembered across calls, so a second plan starts from the same choices)
+    user = getattr(args, "_lowmem_user_choice", None)
+    if user is None:
+        user = (args.lowmem_request(), {k: dict(v) for k, v in (args.lowmem_options or {}).items()})
+        args._lowmem_user_choice = user
+    request, raw_options = user
+    shape = load_model_shape(model_or_config)
+    is_model = hasattr(model_or_config, "parameters") and hasattr(model_or_config, "config")
+    if seq_len is None:
+        seq_len = dataset_seq_len(train_dataset)
+    if seq_len is None:
+        seq_len = min(shape.max_positions or 2048, 2048)
+        logger.warning("hf-lowmem planner: the sequence length is unknown (no indexable train_dataset); planning for "
+                       "%d tokens per sequence", seq_len)
+    setup = setup_from_args(args, seq_len, model_or_config if is_model else None)
+    if not is_model and param_dtype is not None:
+        if isinstance(param_dtype, str):
+            param_dtype = getattr(torch, param_dtype)
+        if param_dtype in (torch.bfloat16, torch.float16):
+            setup = dataclasses.replace(setup, precision="bf16")
+    if host is None:
+        from hf_lowmem.plugins import get_plugin_host
+
+        host = get_plugin_host()
+    mode = distributed_mode(args)
+    plan = plan_training(shape, setup, gpu, host_b, host=host, require=request, raw_options=raw_options, mode=mode)
+    if not plan.ok:
+        err = plan.budget_error()
+        if any(request.values()):
+            free = plan_training(shape, setup, gpu, host_b, host=host, mode=mode)
+            if free.ok:
+                err = MemoryBudgetError(f"{err} Without your own plugin choices a plan fits: {free.chosen.label}.")
+            elif free.smallest is not None and free.smallest_gpu_gib is not None:
+                err = MemoryBudgetError(f"{err} Without your own plugin choices the smallest budget is "
+                                        f"{fmt_size(free.smallest.estimate.gpu_total)} ({free.smallest.label}).")
+        raise err
+    chosen = plan.chosen.lowmem_arguments()
+    args.lowmem_optimizer = chosen["lowmem_optimizer"]
+    args.lowmem_quantization = chosen["lowmem_quantization"]
+    args.lowmem_attention = chosen["lowmem_attention"]
+    args.lowmem_offload = chosen["lowmem_offload"]
+    options = {k: dict(v) for k, v in raw_options.items()}
+    for name, opts in chosen["lowmem_options"].items():
+        options[name] = {**opts, **options.get(name, {})}
+    if "stream" in args.lowmem_offload and "stream" in host.registry:
+        fields = {f.name for f in dataclasses.fields(host.registry["stream"].options or object)} \
+            if dataclasses.is_dataclass(host.registry["stream"].options) else set()
+        if "gpu_memory" in fields:  # the engine checks its own estimate against the same budget
+            options.setdefault("stream", {}).setdefault("gpu_memory", str(args.lowmem_gpu_memory))
+    args.lowmem_options = options
+    e = plan.chosen.estimate
+    args._lowmem_plan_summary = {
+        "plugins": plan.chosen.label, "speed": e.speed, "gpu_peak_allocated": e.gpu_peak_allocated,
+        "gpu_total": e.gpu_total, "host_total": e.host_total, "gpu_budget": gpu, "host_budget": host_b,
+        "seq_len": seq_len, "setup": setup.describe(),
+    }
+    logger.info("hf-lowmem planner: %s fits %s of GPU (predicted peak allocated %s, total %s; host %s; "
+                "speed %.2f of unlimited memory)", plan.chosen.label, fmt_size(gpu), fmt_size(e.gpu_peak_allocated),
+                fmt_size(e.gpu_total), fmt_size(e.host_total), e.speed or 0)
+    return plan

@@ -34,6 +34,9 @@ class LowMemTrainerMixin:
             from hf_lowmem.plugins import get_plugin_host, load_plugins
 
             plugin_host = load_plugins(strict=True) if args.lowmem_strict_plugins else get_plugin_host()
+        if args.lowmem_gpu_memory and model is not None and not getattr(args, "_lowmem_plan_summary", None):
+            # the memory planner fills the selection (or refuses) before any plugin touches the model
+            args.lowmem_plan(model, host=plugin_host, train_dataset=kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
         selection = args.lowmem_selection(plugin_host)
         ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args))
         self.lowmem_ctx = ctx
@@ -45,8 +48,12 @@ class LowMemTrainerMixin:
         if model is not None:
             model = plugin_host.prepare_model(ctx=ctx, model=model)
         # 3. callbacks
-        callbacks = list(kwargs.pop("callbacks", None) or []) + plugin_host.callbacks(ctx=ctx)
+        plugin_callbacks = plugin_host.callbacks(ctx=ctx)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + plugin_callbacks
         super().__init__(model, args, *rest, callbacks=callbacks, **kwargs)
+        # plugin callbacks run first, so keys they add to `logs` in on_log reach the report_to integrations
+        handler = self.callback_handler
+        handler.callbacks = plugin_callbacks + [c for c in handler.callbacks if not any(c is p for p in plugin_callbacks)]
         # 4. an engine decides where weights live, so it is created before the Trainer moves anything
         if self._lowmem_wants_engine:
             engine = plugin_host.create_engine(ctx=ctx, model=self.model, trainer=self)
