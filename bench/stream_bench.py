@@ -55,7 +55,7 @@ def host_model(cfg, cuda: bool):
     gen = torch.Generator(device="cuda" if cuda else "cpu").manual_seed(0)
     for mod_name, mod in model.named_modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
-            t = torch.empty(p.shape, dtype=torch.float32, pin_memory=cuda)
+            t = torch.empty(p.shape, dtype=torch.float32)  # pageable: the engine page-locks it in place
             if "norm" in f"{mod_name}.{pname}":
                 t.fill_(1.0)
             else:
@@ -87,8 +87,10 @@ def worker(a) -> dict:
             return {"input_ids": ids, "labels": ids.clone()}
 
     class Timer(TrainerCallback):
+        """Optimizer-step wall times; the engine's profile counts only the steady steps after the first."""
+
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.t0, self.engine = [], None, None
 
         def on_step_begin(self, args, state, control, **kw):
             if cuda:
@@ -99,6 +101,9 @@ def worker(a) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.engine is not None and len(self.times) == 1 and self.engine.dev.profile is not None:
+                self.engine.profile_totals()
+                self.engine.dev.profile.totals.clear()
 
     kw = dict(output_dir="/tmp/stream_bench_out", per_device_train_batch_size=a.mb, gradient_accumulation_steps=a.ga,
               max_steps=a.steps, learning_rate=1e-5, bf16=cuda, logging_steps=1, save_strategy="no", report_to=[],
@@ -120,6 +125,7 @@ def worker(a) -> dict:
                                        lowmem_telemetry=False)
         trainer = LowMemTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[timer])
         engine = trainer.lowmem_engine
+        timer.engine = engine
     elif a.mode == "ds_z3_offload":
         ds = {"bf16": {"enabled": True},
               "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
@@ -157,11 +163,13 @@ def worker(a) -> dict:
     }
     if engine is not None and cuda:
         tot = engine.profile_totals()
-        n = max(1, engine.stats["windows"])
+        steady = timer.times[1:]
+        n = max(1, len(steady))
         per = {k: round(v / n, 3) for k, v in tot.items()}
         compute = sum(per.get(k, 0.0) for k in ("forward_s", "head_s", "backward_s", "optimizer_s"))
         per["compute_s"] = round(compute, 3)
-        per["step_s_mean"] = round(sum(timer.times) / len(timer.times), 3)
+        per["step_s_mean"] = round(sum(steady) / n, 3)
+        # compute-stream time not inside a timed segment: waiting for copies, Python, the Trainer
         per["idle_s"] = round(per["step_s_mean"] - compute, 3)
         row["breakdown_per_step"] = per
         row["states"] = engine.state_format
@@ -170,7 +178,8 @@ def worker(a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="ceiling:32,stream:32", help="MODE:LAYERS,... run in this order")
+    p.add_argument("--runs", default="ceiling:32,stream:32",
+                   help="MODE:LAYERS[:GRAD_ACCUM],... run in this order (default accumulation: --ga)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--mb", type=int, default=4, help="micro-batch")
     p.add_argument("--ga", type=int, default=8, help="gradient accumulation steps")
@@ -192,10 +201,11 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     rows = []
     for spec in a.runs.split(","):
-        mode, layers = spec.split(":")
+        mode, layers, *ga = spec.split(":")  # MODE:LAYERS[:GRAD_ACCUM]
         layers = 2 if a.smoke else int(layers)
+        run_ga = int(ga[0]) if ga else a.ga
         cmd = [sys.executable, __file__, "--worker", mode, "--layers", str(layers), "--seq", str(a.seq), "--mb",
-               str(a.mb), "--ga", str(a.ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states]
+               str(a.mb), "--ga", str(run_ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states]
         if a.smoke:
             cmd.append("--smoke")
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
@@ -220,16 +230,17 @@ def main() -> None:
     for r in rows:
         for other in rows:
             if other is not r and other.get("layers") == r.get("layers") and "tokens_per_s" in r and "tokens_per_s" in other:
-                r[f"ratio_vs_{other['name']}"] = round(r["tokens_per_s"] / other["tokens_per_s"], 3)
+                tag = other["name"] if other.get("grad_accum") == a.ga else f"{other['name']}_ga{other.get('grad_accum')}"
+                r[f"ratio_vs_{tag}"] = round(r["tokens_per_s"] / other["tokens_per_s"], 3)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             json.dump({"command": command, "smoke": a.smoke, "rows": rows}, f, indent=2)
-    print("\n| run | layers | cap GiB | peak GPU alloc GiB | peak host RSS GiB | tokens/s | ratios |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| run | layers | grad accum | cap GiB | peak GPU alloc GiB | peak host RSS GiB | tokens/s | ratios |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ratios = ", ".join(f"{k[9:]}={v}" for k, v in r.items() if k.startswith("ratio_vs_"))
-        print(f"| {r['name']} | {r.get('layers')} | {r.get('gpu_cap_gib')} | {r.get('peak_gpu_allocated_gib')} | "
+        print(f"| {r['name']} | {r.get('layers')} | {r.get('grad_accum')} | {r.get('gpu_cap_gib')} | {r.get('peak_gpu_allocated_gib')} | "
               f"{r.get('peak_host_rss_gib')} | {r.get('tokens_per_s', r.get('error'))} | {ratios} |")
     if any("error" in r for r in rows):
         sys.exit(1)
