@@ -24,7 +24,9 @@ model is touched), then :func:`hf_lowmem_prepare_model` once per stage in the or
 starts: :func:`hf_lowmem_create_engine` (first non-``None`` wins), then :func:`hf_lowmem_create_optimizer`
 (unless an engine brought its own). During training: :func:`hf_lowmem_compute_loss` for each
 micro-batch (first non-``None`` wins; ``None`` everywhere means the Trainer's own loss). When the
-model is saved: :func:`hf_lowmem_before_save` on the state dict that will be written.
+model is saved: :func:`hf_lowmem_before_save` on the state dict that will be written. Whenever the
+memory planner runs (``hf-lowmem plan``, ``lowmem_gpu_memory``): :func:`hf_lowmem_estimate_memory` for
+each plugin of each candidate plan, with no model loaded.
 
 Within one hook, pluggy calls implementations in reverse registration order; hf-lowmem registers
 first-party plugins first, so a third-party implementation runs before a first-party one.
