@@ -414,3 +414,131 @@ def test_registering_something_that_is_not_plugin_info(site):
         """}, {"notinfo": "notinfo_mod"})
     host = load_plugins()
     assert "takes a PluginInfo, got dict" in host.failures[0].error
+
+
+# ---- real installs: the example third-party plugin, and a broken one ----------------------------------------------
+EXAMPLE = ROOT / "examples" / "hf-lowmem-example-plugin"
+
+BROKEN_PYPROJECT = """
+[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "hf-lowmem-broken-plugin"
+version = "0.0.1"
+
+[project.entry-points.hf_lowmem]
+broken_import = "hf_lowmem_broken.needs_missing"
+broken_hook = "hf_lowmem_broken.typo"
+
+[tool.setuptools]
+packages = ["hf_lowmem_broken"]
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """pip-install the example plugin and a broken plugin distribution into a throwaway folder (not
+    the shared environment: other test runs must not see them); tests put it on sys.path/PYTHONPATH."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("installs")
+    broken = root / "broken-src"
+    (broken / "hf_lowmem_broken").mkdir(parents=True)
+    (broken / "pyproject.toml").write_text(BROKEN_PYPROJECT)
+    (broken / "hf_lowmem_broken" / "__init__.py").write_text("")
+    (broken / "hf_lowmem_broken" / "needs_missing.py").write_text(
+        "import a_dependency_the_author_forgot_to_declare  # noqa\n")
+    (broken / "hf_lowmem_broken" / "typo.py").write_text(
+        "from hf_lowmem import hookimpl\n\n@hookimpl\ndef hf_lowmem_create_optimzer(ctx, model, trainer):\n    return None\n")
+    target = root / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(EXAMPLE), str(broken)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list(target.glob("hf_lowmem_example_plugin-0.1.0.dist-info/entry_points.txt"))
+    return target
+
+
+def test_example_plugin_is_listed_by_the_cli_next_to_a_broken_one(installed):
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_LOWMEM_")}
+    env["PYTHONPATH"] = str(installed)
+    r = subprocess.run([str(Path(sys.executable).parent / "hf-lowmem"), "plugins", "--json"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    example = next(p for p in data["plugins"] if p["name"] == "example-sgd")
+    assert (example["kind"], example["distribution"], example["version"], example["entry_point"]) == (
+        "optimizer", "hf-lowmem-example-plugin", "0.1.0", "example_sgd")
+    assert example["dependencies"] == "ok" and example["modes"] == ["single", "ddp", "fsdp"]
+    failed = {f["entry_point"]: f for f in data["failed"]}
+    assert set(failed) == {"broken_import", "broken_hook"}
+    assert {f["distribution"] for f in failed.values()} == {"hf-lowmem-broken-plugin"}
+    assert "a_dependency_the_author_forgot_to_declare" in failed["broken_import"]["error"]
+    assert "hf_lowmem_create_optimzer" in failed["broken_hook"]["error"]
+    assert {p["name"] for p in data["plugins"]} >= {"adamw", "example-sgd"}
+
+
+def test_lowmem_trainer_uses_the_installed_example_plugin(installed, site, tmp_path, caplog):
+    """A broken third-party distribution is installed too: it is reported, and training goes on."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowmem import LowMemTrainer
+    from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
+
+    sys.path.insert(0, str(installed))
+    importlib.invalidate_caches()
+    try:
+        reset_plugin_host()
+        with caplog.at_level(logging.WARNING, logger="hf_lowmem"):
+            host = get_plugin_host()
+        assert host.registry["example-sgd"].distribution == "hf-lowmem-example-plugin"
+        assert {(f.entry_point, f.distribution) for f in host.failures} == {
+            ("broken_import", "hf-lowmem-broken-plugin"), ("broken_hook", "hf-lowmem-broken-plugin")}
+        assert "hf-lowmem-broken-plugin" in caplog.text
+
+        args = train_args(tmp_path, lowmem_optimizer="example-sgd", lowmem_options={"example-sgd": {"momentum": 0.8}})
+        trainer = LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens())
+        trainer.train()
+        opt = trainer.optimizer.optimizer
+        assert type(opt) is torch_optim().SGD and opt.defaults["momentum"] == 0.8
+        assert trainer.lowmem_ctx.state["example-sgd"] == {"steps": 4, "momentum": 0.8}  # its callback ran
+        losses = logged_losses(trainer)
+
+        # the same SGD handed to a plain Trainer gives the same losses: the plugin's optimizer did the training
+        model = tiny_model()
+        sgd = torch_optim().SGD(model.parameters(), lr=args.learning_rate, momentum=0.8)
+        plain = Trainer(model=model, args=TrainingArguments(**{k: getattr(args, k) for k in (
+            "output_dir", "max_steps", "per_device_train_batch_size", "learning_rate", "logging_steps", "save_strategy",
+            "use_cpu", "seed", "dataloader_num_workers", "disable_tqdm")}, report_to="none"),
+            train_dataset=RandomTokens(), optimizers=(sgd, None))
+        plain.train()
+        assert losses == logged_losses(plain)
+
+        # the example's options are validated like any plugin's
+        with pytest.raises(PluginError, match=r"'example-sgd' has no option\(s\) \['momentun'\]; its options are: "
+                                              r"momentum \(default 0.9\), nesterov \(default False\)"):
+            train_args(tmp_path, lowmem_optimizer="example-sgd", lowmem_options={"example-sgd": {"momentun": 0.8}})
+        with pytest.raises(PluginError, match="nesterov needs a momentum above 0"):
+            train_args(tmp_path, lowmem_optimizer="example-sgd",
+                       lowmem_options={"example-sgd": {"momentum": 0.0, "nesterov": True}})
+        # and strict mode turns the broken distribution into an error that names it
+        with pytest.raises(PluginLoadError, match="hf-lowmem-broken-plugin"):
+            train_args(tmp_path, lowmem_optimizer="example-sgd", lowmem_strict_plugins=True)
+    finally:
+        sys.path.remove(str(installed))
+        for name in [m for m in sys.modules if m.startswith(("hf_lowmem_example", "hf_lowmem_broken"))]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+        reset_plugin_host()
+
+
+def torch_optim():
+    import torch
+
+    return torch.optim
