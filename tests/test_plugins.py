@@ -12,6 +12,7 @@ import importlib
 import inspect
 import logging
 import re
+import shutil
 import sys
 import textwrap
 import tomllib
@@ -452,9 +453,11 @@ def installed(tmp_path_factory):
         "import a_dependency_the_author_forgot_to_declare  # noqa\n")
     (broken / "hf_lowmem_broken" / "typo.py").write_text(
         "from hf_lowmem import hookimpl\n\n@hookimpl\ndef hf_lowmem_create_optimzer(ctx, model, trainer):\n    return None\n")
+    example = root / "example-src"  # a copy: building in the source tree would leave build/ and egg-info there
+    shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = root / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(EXAMPLE), str(broken)],
+                        "--no-index", "--target", str(target), str(example), str(broken)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert list(target.glob("hf_lowmem_example_plugin-0.1.0.dist-info/entry_points.txt"))
