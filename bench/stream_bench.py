@@ -176,6 +176,13 @@ def worker(a) -> dict:
     return row
 
 
+def _write(path: str | None, command: str, smoke: bool, rows: list[dict]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"command": command, "smoke": smoke, "rows": rows}, f, indent=2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="ceiling:32,stream:32",
@@ -226,16 +233,14 @@ def main() -> None:
         row["command"] = command
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "command")}), flush=True)
+        _write(a.out, command, a.smoke, rows)  # after every run, so a killed command keeps what it measured
     # ratios within this run
     for r in rows:
         for other in rows:
             if other is not r and other.get("layers") == r.get("layers") and "tokens_per_s" in r and "tokens_per_s" in other:
                 tag = other["name"] if other.get("grad_accum") == a.ga else f"{other['name']}_ga{other.get('grad_accum')}"
                 r[f"ratio_vs_{tag}"] = round(r["tokens_per_s"] / other["tokens_per_s"], 3)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({"command": command, "smoke": a.smoke, "rows": rows}, f, indent=2)
+    _write(a.out, command, a.smoke, rows)
     print("\n| run | layers | grad accum | cap GiB | peak GPU alloc GiB | peak host RSS GiB | tokens/s | ratios |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
