@@ -773,13 +773,19 @@ def _m_activation_offload(inp: PlanInput, st: _Step, name: str) -> None:
 
 
 def _m_chunked_loss(inp: PlanInput, st: _Step, name: str) -> None:
-    C = min(int(inp.option(name, "chunk_size", 1024)), inp.setup.tokens)
-    V, H, T = inp.shape.vocab, inp.shape.hidden, inp.setup.tokens
-    e = inp.setup.compute_bytes
-    # forward keeps per-chunk loss sums only; backward recomputes one chunk: its logits (compute dtype),
-    # their fp32 softmax gradient, plus the fp32 accumulators of the head-weight and hidden-state gradients
-    st.logits_fwd = C * V * (e + 4 + 4)
-    st.logits_bwd = C * V * (e + 4 + 4) + V * H * 4 + T * H * 4
+    """The plugin's autograd function: forward keeps per-chunk loss sums (one chunk's logits, their fp32
+    copy and log-softmax at a time); backward allocates the hidden-state gradient and an fp32 head-weight
+    gradient, then per chunk recomputes the logits (compute dtype), their fp32 copy, the softmax gradient
+    and its cast back."""
+    su = inp.setup
+    C = min(int(inp.option(name, "chunk_size", 1024)), su.tokens)
+    V, H, T = inp.shape.vocab, inp.shape.hidden, su.tokens
+    e = su.compute_bytes
+    per_row_fwd = (e + 4 + 4) if e != 4 else 8
+    per_row_bwd = (2 * e + 8) if e != 4 else 8
+    cast = 2 * V * H if su.amp else 0  # autocast's bf16 copy of the head weight, while a chunk runs
+    st.logits_fwd = C * V * per_row_fwd + cast
+    st.logits_bwd = T * H * e + V * H * 4 + C * V * per_row_bwd + cast
     st.head_cache = 0.0
 
 
@@ -962,6 +968,17 @@ NOT_FOR_FULL_TRAINING = {"bnb-nf4": "freezes the base weights (for adapter train
                          "bnb-int8": "freezes the base weights (for adapter training), not full-parameter training"}
 #: plugins whose effect is not on memory (their speed effect is left to you)
 MEMORY_NEUTRAL = {"sdpa", "flash-attn", "auto-attention"}
+
+
+def infeasible(inp: PlanInput) -> str | None:
+    """Why a plan cannot run at all on this model (a plugin would refuse it), or ``None``."""
+    for name in inp.names():
+        if name.startswith("galore-"):
+            rank = int(inp.option(name, "rank", 128))
+            if inp.option(name, "target_modules", None) is None and not any(
+                    min(r, c) > rank for _, (r, c) in inp.shape.layer_matrices):
+                return f"{name}: no projection has both sides larger than rank {rank}"
+    return None
 
 
 def _setup_for(inp: PlanInput) -> TrainSetup:
@@ -1528,7 +1545,7 @@ def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_bu
             options = {n: None for n in names}
         inp = PlanInput(shape=shape, setup=setup, device=device,
                         selection={k: tuple(v) for k, v in sel.items()}, options=options)
-        if not all(_has_model(host, inp, n, probe) for n in names if n not in MEMORY_NEUTRAL):
+        if not all(_has_model(host, inp, n, probe) for n in names if n not in MEMORY_NEUTRAL) or infeasible(inp):
             continue
         lossless = all(host.registry[n].lossless for n in names) if host is not None else all(
             n in ("adamw", "gradient-checkpointing", "activation-offload", "chunked-loss", "stream", "sdpa", "flash-attn")
