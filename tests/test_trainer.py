@@ -31,11 +31,12 @@ def run(trainer_cls, args, model=None, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     """Plain transformers.Trainer runs, per gradient-accumulation setting."""
     out = {}
     for ga in (1, 3):
-        _, losses, params = run(Trainer, TrainingArguments(output_dir="unused", gradient_accumulation_steps=ga, **COMMON))
+        tmp = tmp_path_factory.mktemp(f"plain-ga{ga}")
+        _, losses, params = run(Trainer, TrainingArguments(output_dir=str(tmp), gradient_accumulation_steps=ga, **COMMON))
         assert len(losses) == COMMON["max_steps"]
         out[ga] = (losses, params)
     return out
