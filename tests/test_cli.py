@@ -181,3 +181,34 @@ def test_demo_default_run_shows_the_loss_falling(tmp_path):
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["last_logged_loss"] < 0.7 * s["first_logged_loss"]
     assert s["seconds"] < 180
+
+
+# ---- README and CI agree ----------------------------------------------------------------------------------------
+def readme_commands() -> list[str]:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start")[1].split("\n## ")[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", quick, re.S)]
+
+
+def test_readme_quick_start_is_what_ci_runs():
+    install, demo, tests = readme_commands()
+    assert demo == "hf-lowmem demo"
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_lines = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert tests in ci_lines, f"README test command {tests!r} is not what .ci/run calls"
+    # the same install: torch pinned first, then the package with the extras the tests need
+    torch_pin, package = [c.strip() for c in install.split("&&")]
+    assert ci_lines.index(torch_pin) + 1 == ci_lines.index(package)
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_readme_plugin_table_lists_every_first_party_plugin():
+    from hf_lowmem.plugins import load_plugins
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- plugin-table:begin -->")[1].split("<!-- plugin-table:end -->")[0]
+    listed = {line.split("|")[2].strip().strip("`") for line in table.strip().splitlines()[2:]}
+    first_party = {i.name for i in load_plugins().registry if i.distribution == "hf-lowmem"}
+    assert listed == first_party, "README plugin table is stale: python examples/plugin_table.py --write"

@@ -1,0 +1,48 @@
+"""Print the README's plugin table from the installed plugins (what ``hf-lowmem plugins --json`` reports).
+
+    python examples/plugin_table.py          # paste between the plugin-table markers in README.md
+    python examples/plugin_table.py --check  # exit 1 if README.md's table differs
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- plugin-table:begin -->", "<!-- plugin-table:end -->"
+
+
+def table() -> str:
+    from hf_lowmem.plugins import load_plugins
+
+    out = subprocess.run([str(Path(sys.executable).parent / "hf-lowmem"), "plugins", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [p for p in json.loads(out)["plugins"] if p["distribution"] == "hf-lowmem"]
+    extras = {i.name: i.extra for i in load_plugins().registry}
+    lines = ["| kind | name | lossless | distributed modes | extra | what it does |", "|---|---|---|---|---|---|"]
+    for p in rows:
+        extra = f"`hf-lowmem[{extras[p['name']]}]`" if extras.get(p["name"]) else ""
+        lines.append(f"| {p['kind']} | `{p['name']}` | {'yes' if p['lossless'] else 'no'} | {', '.join(p['modes'])} "
+                     f"| {extra} | {p['help']} |")
+    return "\n".join(lines)
+
+
+def readme_table() -> str:
+    m = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), README.read_text(), re.S)
+    return m.group(1) if m else ""
+
+
+if __name__ == "__main__":
+    t = table()
+    if "--check" in sys.argv:
+        same = readme_table() == t
+        print("README plugin table is up to date" if same else "README plugin table is stale: run python examples/plugin_table.py --write")
+        raise SystemExit(0 if same else 1)
+    if "--write" in sys.argv:
+        text = README.read_text()
+        README.write_text(re.sub(re.escape(BEGIN) + r"\n.*?\n" + re.escape(END), lambda _: f"{BEGIN}\n{t}\n{END}", text, flags=re.S))
+    print(t)
