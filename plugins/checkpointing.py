@@ -104,10 +104,15 @@ def _checkpointed_forward(layer, *args, **kwargs):
             kwargs[key] = None
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
-    if layer._hf_lowmem_reentrant and args and torch.is_tensor(args[0]) and args[0].requires_grad:
+    if layer._hf_lowmem_reentrant:
         # Reentrant: the layer input is saved with save_for_backward, where activation-offload's
-        # saved-tensor hooks see it. Keyword arguments are bound (they need no gradient).
-        return checkpoint(partial(inner, **kwargs), *args, use_reentrant=True)
+        # saved-tensor hooks see it. Other arguments are bound (they need no gradient).
+        if args and torch.is_tensor(args[0]) and args[0].requires_grad:
+            return checkpoint(partial(inner, **kwargs), *args, use_reentrant=True)
+        hidden = kwargs.get("hidden_states")
+        if not args and torch.is_tensor(hidden) and hidden.requires_grad:
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            return checkpoint(lambda h: inner(hidden_states=h, **rest), hidden, use_reentrant=True)
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 
