@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -410,40 +407,47 @@ def test_bad_budget_strings_fail_at_construction(tmp_path):
         train_args(tmp_path, lowmem_gpu_memory="lots")
 
 
-def test_train_cli_refuses_before_loading_weights(tmp_path):
+def test_train_cli_refuses_before_loading_weights(tmp_path, monkeypatch):
+    import hf_lowmem.cli_train as cli_train
+
     cfg = tiny_config("llama")
     cfg.save_pretrained(tmp_path / "m")
     (tmp_path / "data.txt").write_text("hello world " * 200)
-    code = ("import sys, hf_lowmem.cli_train as t\n"
-            "t.build_model = lambda *a, **k: (_ for _ in ()).throw(AssertionError('weights loaded'))\n"
-            "sys.exit(t.run_argv(sys.argv[1:]))\n")
-    r = subprocess.run([sys.executable, "-c", code, "--model", str(tmp_path / "m" / "config.json"), "--data",
-                        str(tmp_path / "data.txt"), "--output_dir", str(tmp_path / "out"), "--block_size", "32",
-                        "--use_cpu", "--report_to", "none", "--lowmem_gpu_memory", "1KB", "--lowmem_host_memory", "8GB"],
-                       capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode != 0
-    assert "smallest budget that works" in r.stderr and "weights loaded" not in r.stderr, r.stderr[-2000:]
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(cli_train, "build_model", no_loading)
+    with pytest.raises(SystemExit) as e:
+        cli_train.run_argv(["--model", str(tmp_path / "m" / "config.json"), "--data", str(tmp_path / "data.txt"),
+                            "--output_dir", str(tmp_path / "out"), "--block_size", "32", "--use_cpu", "--report_to",
+                            "none", "--lowmem_gpu_memory", "1KB", "--lowmem_host_memory", "8GB"])
+    assert "smallest budget that works" in str(e.value.code)
 
 
-def _cli(*argv, timeout=120):
-    return subprocess.run([sys.executable, "-m", "hf_lowmem.cli", "plan", *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(__file__)))
+def _cli(capsys, *argv):
+    from hf_lowmem.cli import main
+
+    code = main(["plan", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_plan_cli_table_and_json(tmp_path):
-    r = _cli("--model", "llama2-7b", "--gpu-memory", "8GB", "--host-memory", "64GB", "--seq-len", "2048",
-             "--batch-size", "4", "--grad-accum", "8", "--assume-installed")
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
+def test_plan_cli_table_and_json(tmp_path, capsys):
+    code, out, err = _cli(capsys, "--model", "llama2-7b", "--gpu-memory", "8GB", "--host-memory", "64GB", "--seq-len",
+                          "2048", "--batch-size", "4", "--grad-accum", "8", "--assume-installed")
+    assert code == 0, err
     for word in ("PLAN:", "weights", "optimizer states", "activations", "framework overhead", "CUDA context",
                  "Host memory", "Rejected alternatives", "why not", "speed"):
         assert word in out, word
     tiny_cfg = tmp_path / "config.json"
     tiny_config("llama").to_json_file(tiny_cfg)
-    r = _cli("--model", str(tiny_cfg), "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
-    assert r.returncode == 0, r.stderr
-    data = json.loads(r.stdout)
+    code, out, err = _cli(capsys, "--model", str(tiny_cfg), "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
+    assert code == 0, err
+    data = json.loads(out)
     assert data["chosen"]["fits"] and data["chosen"]["gpu_total_gib"] <= 1.0
     assert set(data["chosen"]["gpu_gib"]) >= {"weights", "optimizer states", "activations"}
-    r = _cli("--model", "llama2-13b", "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
-    assert r.returncode == 2 and "smallest" in json.loads(r.stdout)["error"]
+    code, out, err = _cli(capsys, "--model", "llama2-13b", "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
+    assert code == 2 and "smallest" in json.loads(out)["error"]
+    code, out, err = _cli(capsys, "--model", "no-such-preset", "--gpu-memory", "1GB")
+    assert code == 1 and "preset" in err
