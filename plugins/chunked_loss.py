@@ -11,7 +11,8 @@ The result is scaled exactly like transformers' ``ForCausalLMLoss`` (labels shif
 ignored, logits upcast to fp32; the sum divided by ``num_items_in_batch`` when the Trainer gives it, else
 the mean), so the Trainer's gradient-accumulation arithmetic is unchanged and losses equal plain training
 up to float rounding. Final-logit soft-capping (Gemma 2) and logit scaling (Cohere, Granite) are applied
-per chunk.
+per chunk. A head that is not a plain ``nn.Linear`` (e.g. stored in int8) goes through the same chunks
+with ``torch.utils.checkpoint`` per chunk instead of the fused function.
 
 Kind: ``offload``. It is an activation-memory technique like checkpointing, and ``offload`` is the one kind
 of which several plugins can be selected at once, so it combines with an attention plugin (``sdpa``,
@@ -209,8 +210,28 @@ def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_s
         denom = (shift_labels != IGNORE_INDEX).sum().to(torch.float32)
     else:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
-    return chunked_linear_cross_entropy(hidden, head.weight, getattr(head, "bias", None), shift_labels, denom,
-                                        chunk_size, _logit_post(model.config))
+    post = _logit_post(model.config)
+    if type(head) is torch.nn.Linear:
+        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, shift_labels, denom, chunk_size, post)
+    return chunked_module_cross_entropy(head, hidden, shift_labels, denom, chunk_size, post)
+
+
+def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 1024, post=None):
+    """The same loss for any head module (a quantized Linear, say): each chunk runs under non-reentrant
+    ``torch.utils.checkpoint``, so its logits are freed after forward and recomputed in backward."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    post = post or _identity
+
+    def chunk_loss(h, lab):
+        return F.cross_entropy(post(head(h).float()), lab, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], chunk_size):
+        total = total + checkpoint(chunk_loss, hidden[s:s + chunk_size], labels[s:s + chunk_size], use_reentrant=False)
+    return total / denom
 
 
 @hookimpl

@@ -243,3 +243,13 @@ def test_offload_on_gpu_lossless_and_lower_peak(tmp_path):
     got, peak_off = gpu_run(tmp_path / "b", True)
     assert got == pytest.approx(ref, rel=1e-6)
     assert peak_off < peak_ref
+
+
+def test_chunked_loss_with_int8_head_matches_module_loss(tmp_path):
+    """A head that is not a plain Linear (int8-weights with include_lm_head) uses the per-chunk checkpoint path."""
+    ref, _ = run(tmp_path / "ref", lowmem_quantization="int8-weights",
+                 lowmem_options={"int8-weights": {"include_lm_head": True}})
+    got, trainer = run(tmp_path, lowmem_quantization="int8-weights", lowmem_offload=["chunked-loss"],
+                       lowmem_options={"int8-weights": {"include_lm_head": True}, "chunked-loss": {"chunk_size": 6}})
+    assert type(trainer.model.lm_head).__name__ == "Int8Linear"
+    assert got == pytest.approx(ref, rel=1e-5)
