@@ -309,6 +309,8 @@ class TelemetryMixin:
             ax1.plot(steps, [x["reserved"] / GiB for x in self.samples], label="GPU reserved", linestyle="--")
         ax1.plot(steps, [x["rss"] / GiB for x in self.samples], label="host RSS")
         ax1.set_ylabel("GiB")
+        ax1.set_ylim(bottom=0)
+        ax1.ticklabel_format(axis="y", useOffset=False)
         ax1.set_title("hf-lowmem telemetry")
         ax1.legend(loc="best", fontsize=8)
         ax1.grid(alpha=0.3)
@@ -316,6 +318,7 @@ class TelemetryMixin:
         if pts:
             ax2.plot([p["step"] for p in pts], [p[PREFIX + "tokens_per_s"] for p in pts], marker="o", label="tokens/s")
             ax2.set_ylabel("tokens/s")
+            ax2.set_ylim(bottom=0)
             if any(PREFIX + "mfu" in p for p in pts):
                 ax3 = ax2.twinx()
                 ax3.plot([p["step"] for p in pts], [100 * p.get(PREFIX + "mfu", 0) for p in pts], color="tab:red",
