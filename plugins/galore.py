@@ -53,7 +53,10 @@ the full gradients of the model never coexist. What the stock Trainer integratio
   ``c = min(1, max_grad_norm / (norm + 1e-6))`` as ``torch.nn.utils.clip_grad_norm_`` does and runs each
   parameter's inner step on ``c R``. Parameters that are not GaLore targets keep their (small: norms,
   embeddings, LM head) full gradient until then. The result equals clipping the full gradients first
-  and then stepping, up to float rounding; only low-rank gradients coexist.
+  and then stepping, up to float rounding (tests/test_galore.py checks it to 2e-7 with fixed projectors);
+  only low-rank gradients coexist. One rounding effect to know of: a projector refreshed in this window
+  is computed from ``G`` where the normal path uses ``c G``; their singular vectors are equal in exact
+  arithmetic but, where singular values nearly coincide, differ by ~1e-5 in float32.
 * *DDP.* A per-parameter hook fires before DDP's bucketed all-reduce has produced the averaged gradient,
   so the hooks do the all-reduce themselves (sum, divided by the world size, as DDP averages) on the
   last micro-batch, and DDP's own gradient synchronisation is switched off on the wrapped model
