@@ -49,7 +49,7 @@ ROWS: list[dict] = [
          optimizer="adamw", offload=["gradient-checkpointing"], options={"gradient-checkpointing": {"every_n": 2}},
          note="128k vocabulary, half the layers checkpointed"),
     dict(id="r4", model="qwen2.5-0.5b", seq=2048, mb=4, ga=2, precision="bf16-mixed",
-         optimizer="bnb-adamw8bit", offload=["gradient-checkpointing", "activation-offload"],
+         optimizer="bnb-adamw8bit", offload=["gradient-checkpointing", "activation-offload", "chunked-loss"],
          note="GQA, tied, 152k vocabulary; checkpoints offloaded to host", gpu_only="activation-offload keeps "
          "activations in host memory, which on the CPU is the same memory"),
     dict(id="r5", model="llama2-7b", seq=512, mb=4, ga=1, precision="bf16",
