@@ -860,6 +860,8 @@ def _m_bnb(inp: PlanInput, st: _Step, name: str) -> None:
             states += 4.0 * n_states * n
         else:
             states += _bnb8_state_bytes(n, min8, n_states)
+    if bits == 8:
+        states += 2 * 256 * 4  # the signed and unsigned quantization maps, shared by every parameter
     if "paged" in name:
         st.states_paged = states
         st.notes.append(f"{name}: states live in CUDA managed (paged) memory, outside torch's allocated count; they "

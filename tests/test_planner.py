@@ -132,8 +132,12 @@ def _state_bytes(model, optimizer) -> tuple[int, int, int]:
         w += p.numel() * p.element_size()
         if p.grad is not None:
             g += p.grad.numel() * p.grad.element_size()
-    s = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-            if torch.is_tensor(t) and t.dim() > 0)
+    storages, s = set(), 0
+    for st in optimizer.state.values():
+        for t in st.values():
+            if torch.is_tensor(t) and t.dim() > 0 and t.untyped_storage()._cdata not in storages:
+                storages.add(t.untyped_storage()._cdata)  # shared tensors (bitsandbytes' quantization maps) once
+                s += t.untyped_storage().nbytes()
     return w, g, s
 
 
@@ -190,6 +194,8 @@ def _tiny_for_peak(tied=False, **kw):
     dict(offload=["gradient-checkpointing"]),
     dict(offload=["chunked-loss"]),
     dict(offload=["gradient-checkpointing", "chunked-loss"], grad_accum=2),
+    dict(optimizer="adafactor"),
+    dict(optimizer="bnb-adamw8bit", offload=["gradient-checkpointing"]),
 ])
 def test_trainer_step_peak_matches_the_cpu_allocator(tmp_path, case):
     from hf_lowmem import LowMemTrainer
@@ -197,13 +203,16 @@ def test_trainer_step_peak_matches_the_cpu_allocator(tmp_path, case):
 
     host = get_plugin_host()
     offload = [n for n in case.get("offload", []) if n in host.registry]
-    if len(offload) != len(case.get("offload", [])):
-        pytest.skip(f"plugin(s) {case['offload']} not registered here")
+    optimizer = case.get("optimizer", "adamw")
+    if len(offload) != len(case.get("offload", [])) or optimizer not in host.registry:
+        pytest.skip(f"plugin(s) {case} not registered here")
+    if host.registry[optimizer].missing_requirements():
+        pytest.skip(f"{optimizer} needs {host.registry[optimizer].missing_requirements()}")
     bf16 = case.get("dtype") == "bf16"
     model = _tiny_for_peak(tied=case.get("tied", False), dtype=torch.bfloat16 if bf16 else torch.float32)
     G, seq, B = case.get("grad_accum", 1), 64, 2
     args = train_args(tmp_path, max_steps=3, per_device_train_batch_size=B, gradient_accumulation_steps=G,
-                      lowmem_optimizer="adamw", lowmem_offload=offload, logging_steps=10)
+                      lowmem_optimizer=optimizer, lowmem_offload=offload, logging_steps=10)
     probe = _PeakOfStep(step=3)
     trainer = LowMemTrainer(model=model, args=args, train_dataset=RandomTokens(n=64, seq=seq, vocab=512))
     trainer.add_callback(probe.callback(trainer))
