@@ -1041,7 +1041,7 @@ def _replay(st: _Step, setup: TrainSetup) -> tuple[int, dict[str, float], str]:
             Gd += head_g + st.grad_other
         cache -= st.head_cache
         for i in reversed(range(L)):  # backward: the MLP half first, then the attention half
-            g_mlp, g_attn = st.grad_layer[i] * st.grad_mlp_frac, st.grad_layer[i] * (1 - st.grad_mlp_frac)
+            g_mlp = st.grad_layer[i] * st.grad_mlp_frac
             full = st.acts[i]  # the layer's activations, kept or recomputed from its checkpoint
             others = max(A - stored(i), 0.0)
             others = min(others, st.offload_window) if st.offload_acts else others
@@ -1065,8 +1065,9 @@ def _replay(st: _Step, setup: TrainSetup) -> tuple[int, dict[str, float], str]:
                 Gd += st.grad_layer[i]
             elif frees and not first:
                 Gd -= st.grad_layer[i]
-        emb = 0.0 if st.grad_head == 0 else st.grad_embed
-        cand(f"backward, embedding ({label})", gradients=Gd + emb, temporaries=st.embed_bwd_ws)
+        # the embedding's gradient: allocated here, or (tied to the head, or a later micro-batch) computed
+        # densely and then added in place
+        cand(f"backward, embedding ({label})", gradients=Gd + st.grad_embed, temporaries=st.embed_bwd_ws)
     cand("optimizer step", gradients=0.0 if st.grad_free_per_param else G_total, temporaries=st.opt_ws + st.clip_ws)
     total, parts, phase = best
     return int(total), {k: v for k, v in parts.items() if v}, phase
@@ -1417,6 +1418,21 @@ def _options_for(host: Any, name: str, raw: Mapping[str, Any] | None) -> Any:
     return None
 
 
+#: first-party plugins that leave the results unchanged (used when planning without a plugin host)
+LOSSLESS = {"adamw", "gradient-checkpointing", "activation-offload", "chunked-loss", "stream", "sdpa", "flash-attn",
+            "auto-attention"}
+
+
+def _is_lossless(host: Any, inp: PlanInput) -> bool:
+    names = inp.names()
+    ok = all(host.registry[n].lossless for n in names) if host is not None else all(n in LOSSLESS for n in names)
+    if "stream" in names:  # the engine's own optimizer: 8-bit states are lossy
+        fmt = inp.option("stream", "states", "auto")
+        if fmt == "8bit" or (fmt == "auto" and inp.selected("optimizer") in ("bnb-adamw8bit", "adamw8bit")):
+            ok = False
+    return ok
+
+
 def _has_model(host: Any, inp: PlanInput, name: str, probe: MemoryEstimate) -> bool:
     if name in BUILTIN_MODELS or name == "stream":
         return True
@@ -1549,11 +1565,7 @@ def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_bu
                         selection={k: tuple(v) for k, v in sel.items()}, options=options)
         if not all(_has_model(host, inp, n, probe) for n in names if n not in MEMORY_NEUTRAL) or infeasible(inp):
             continue
-        lossless = all(host.registry[n].lossless for n in names) if host is not None else all(
-            n in ("adamw", "gradient-checkpointing", "activation-offload", "chunked-loss", "stream", "sdpa", "flash-attn")
-            or (n == "stream" and inp.option("stream", "states", "auto") == "fp32") for n in names)
-        if "stream" in names and inp.selected("optimizer") == "bnb-adamw8bit":
-            lossless = False
+        lossless = _is_lossless(host, inp)
         if lossless_only and not lossless:
             continue
         est = estimate_memory(inp, host)

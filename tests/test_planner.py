@@ -24,7 +24,7 @@ import torch
 
 from hf_lowmem import planner
 from hf_lowmem.errors import MemoryBudgetError, PluginError
-from hf_lowmem.planner import (MemoryEstimate, PlanInput, TrainSetup, estimate_memory, load_model_shape, parse_size,
+from hf_lowmem.planner import (PlanInput, TrainSetup, estimate_memory, load_model_shape, parse_size,
                                plan_training)
 from tests.tiny import RandomTokens, tiny_config, train_args
 
