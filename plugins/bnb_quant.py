@@ -129,6 +129,7 @@ def _dtype(name: str | None, fallback):
 
 def _quantized_linear(name, lin, opts, compute_dtype):
     import bitsandbytes as bnb
+    import torch
 
     w = lin.weight
     if name == NF4:
@@ -142,7 +143,17 @@ def _quantized_linear(name, lin, opts, compute_dtype):
         q.weight = bnb.nn.Int8Params(w.data, requires_grad=False, has_fp16_weights=False)
     q.bias = lin.bias
     q._hf_lowmem_orig_dtype = w.dtype
-    q = q.to(w.device)  # bitsandbytes quantizes when the weight is moved to its device
+    if name == NF4:
+        q = q.to(w.device)  # Params4bit quantizes when moved to a device, whichever it comes from
+        ok = getattr(q.weight, "bnb_quantized", False)
+    else:
+        # Int8Params quantizes only on a move *from* the CPU: quantize explicitly where the weight already is
+        q.weight = q.weight._quantize(w.device) if hasattr(q.weight, "_quantize") else q.weight.to(w.device)
+        q = q.to(w.device)
+        ok = q.weight.dtype == torch.int8 and getattr(q.weight, "SCB", None) is not None
+    if not ok:
+        raise PluginError(f"{name}: bitsandbytes {getattr(bnb, '__version__', '?')} left a weight unquantized on "
+                          f"{w.device}; this plugin needs bitsandbytes >= 0.45 (pip install 'hf-lowmem[bnb]' --upgrade)")
     q.train(lin.training)
     return q
 
