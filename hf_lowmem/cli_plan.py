@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lossless-only", action="store_true", help="only plugins that do not change the results")
     p.add_argument("--assume-installed", action="store_true",
                    help="plan as if every plugin's packages were installed (planning for another machine)")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="the GPU's dense bf16 matmul rate for the speed model (default: 784, measured on our H200)")
+    p.add_argument("--pcie-gbps", type=float, default=None,
+                   help="host<->GPU copy rate per direction, GB/s, for the speed model (default: 55, PCIe Gen5 x16 pinned)")
     p.add_argument("--all", action="store_true", help="list every candidate, not only the interesting alternatives")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -55,7 +59,10 @@ def _require_by_kind(host, names: list[str]) -> dict[str, list[str]]:
 
 def make_plan(a: argparse.Namespace):
     from hf_lowmem.errors import PluginError
-    from hf_lowmem.planner import TrainSetup, host_memory_bytes, load_model_shape, parse_size, plan_training
+    import dataclasses
+
+    from hf_lowmem.planner import (DEFAULT_DEVICE, TrainSetup, host_memory_bytes, load_model_shape, parse_size,
+                                   plan_training)
     from hf_lowmem.plugins import load_plugins
 
     if a.gpu_memory is None:
@@ -78,8 +85,15 @@ def make_plan(a: argparse.Namespace):
             raw_options = json.loads(a.options)
         except json.JSONDecodeError as e:
             raise PluginError(f'--options must be JSON like {{"plugin-name": {{"option": 1}}}}: {e}') from e
+    device = DEFAULT_DEVICE
+    if a.tflops or a.pcie_gbps:
+        bw = a.pcie_gbps or device.h2d_gbps
+        device = dataclasses.replace(
+            device, name=f"{a.tflops or device.matmul_tflops:g} TFLOP/s, {bw:g} GB/s host<->GPU (given)",
+            matmul_tflops=a.tflops or device.matmul_tflops, fp32_tflops=(a.tflops or device.matmul_tflops) / 13,
+            h2d_gbps=bw, d2h_gbps=bw, duplex_gbps=1.8 * bw)
     return plan_training(shape, setup, gpu, host_b, host=host, require=require, raw_options=raw_options,
-                         lossless_only=a.lossless_only, check_installed=not a.assume_installed)
+                         lossless_only=a.lossless_only, check_installed=not a.assume_installed, device=device)
 
 
 def _arguments_text(args: dict) -> tuple[str, str]:
@@ -117,7 +131,7 @@ def _table(title: str, rows: dict[str, int], total_label: str, extra: dict[str, 
 
 
 def render(plan, show_all: bool = False) -> str:
-    from hf_lowmem.planner import fmt_gib
+    from hf_lowmem.planner import GPU_COMPONENTS, fmt_gib
 
     su, sh = plan.setup, plan.shape
     lines = [f"model:    {sh.describe()}", f"training: {su.describe()}",
@@ -150,7 +164,9 @@ def render(plan, show_all: bool = False) -> str:
     if show is not None:
         e = show.estimate
         lines.append("")
-        lines += _table(f"GPU memory at the peak ({e.peak_phase})", e.gpu,
+        gpu_rows = {k: e.gpu.get(k, 0) for k in GPU_COMPONENTS}
+        gpu_rows.update({k: v for k, v in e.gpu.items() if k not in gpu_rows})
+        lines += _table(f"GPU memory at the peak ({e.peak_phase})", gpu_rows,
                         "= peak allocated (torch.cuda.max_memory_allocated)", e.gpu_extra,
                         f"= GPU total (budget {fmt_gib(plan.gpu_budget)})")
         lines.append("")
