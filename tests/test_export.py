@@ -326,6 +326,9 @@ def test_bad_inputs_get_clear_errors(tmp_path, models):
         export_model(tmp_path / "empty", tmp_path / "o", "hf")
     with pytest.raises(ExportError, match="is the source folder"):
         export_model(src, src, "hf", overwrite=True)
+    with pytest.raises(ExportError, match="contains the source folder"):
+        export_model(src, tmp_path, "hf", overwrite=True)
+    assert (src / "model.safetensors").is_file()
     with pytest.raises(ExportError, match="LlamaModel has no language-model head"):
         export_model(models["llama"].model, tmp_path / "o", "hf")
     with pytest.raises(ExportError, match="cannot export a dict: pass a model folder path"):

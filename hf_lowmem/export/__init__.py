@@ -157,6 +157,9 @@ def _check_output(out: Path, sources: list[Path], overwrite: bool) -> None:
     for src in sources:
         if resolved == src.resolve():
             raise ExportError(f"the output {str(out)!r} is the source folder; choose another --output")
+        if resolved in src.resolve().parents:
+            raise ExportError(f"the output {str(out)!r} contains the source folder {str(src)!r}, which replacing it "
+                              "would delete; choose another --output")
     if out.exists():
         if not out.is_dir():
             raise ExportError(f"the output {str(out)!r} is a file; pass a folder path for --output")

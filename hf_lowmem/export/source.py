@@ -149,7 +149,7 @@ def gather_state_dict(model, *, ctx=None, hook_model=None) -> dict:
         fn = getattr(module, DEQUANTIZED_STATE_METHOD, None)
         if not callable(fn):
             continue
-        prefix = f"{name}." if name else ""
+        prefix = _strip_wrappers(f"{name}.") if name else ""
         if any(prefix.startswith(h) for h in handled):
             continue  # an enclosing module already answered for this one
         handled.append(prefix)
