@@ -164,7 +164,7 @@ class StreamEngine:
         if self._slots:
             self.flush()  # the slots hold pending gradients: apply them before reallocating
         if self.options.check_memory:
-            self.check_host_memory(window_tokens=window_tokens, already_allocated=False)
+            self.check_host_memory(window_tokens=window_tokens)
         es = torch.empty((), dtype=self.compute_dtype).element_size()
         n_layers = self.anat.num_layers
         for old in self._slots:
@@ -193,26 +193,42 @@ class StreamEngine:
             masters_exist=True,
         )
 
-    def check_host_memory(self, window_tokens: int, already_allocated: bool = True) -> None:
+    def check_host_memory(self, window_tokens: int) -> None:
+        """Refuse, with both numbers, host memory the engine would not get.
+
+        With a declared budget (``lowmem_host_memory``, or the plugin's ``host_memory`` option) the engine's
+        whole host footprint (fp32 masters, optimizer states, activation stash) is compared with it. Without
+        one, what is still to be allocated is compared with the memory the OS reports available now (some
+        VMs grow their RAM as it is used and report less: declare the budget there)."""
         import psutil
 
-        budget = parse_bytes(self.options.host_memory) or _available_host_bytes()
+        declared = parse_bytes(self.options.host_memory) or parse_bytes(getattr(self.args, "lowmem_host_memory", None))
         params = sum(p.numel() for b in self.blocks for p in b.params.values())
-        if window_tokens == 0:  # at start: master conversion + optimizer states
-            state_b = 2.0 + 8 / 256 if self.state_format == "8bit" else 8.0
-            extra_master = sum(p.numel() * 4 for b in self.blocks for p in b.params.values() if p.dtype != torch.float32)
-            need = int(params * state_b + extra_master)
-            what = "optimizer states and fp32 master weights"
+        state_b = 2.0 + 8 / 256 if self.state_format == "8bit" else 8.0
+        es = torch.empty((), dtype=self.compute_dtype).element_size()
+        parts = {"fp32 master weights": params * 4, "optimizer states": params * state_b,
+                 "activation stash": self.anat.num_layers * window_tokens * self.hidden_size * es
+                 + (self._grad_bytes[-1] if window_tokens else 0)}
+        if declared:
+            need, budget = int(sum(parts.values())), declared
+            what = "in all (" + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v) + ")"
+            where = "the declared host budget"
         else:
-            es = torch.empty((), dtype=self.compute_dtype).element_size()
-            need = int(self.anat.num_layers * window_tokens * self.hidden_size * es + self._grad_bytes[-1])
-            what = f"the activation stash for {window_tokens} tokens per window"
+            if window_tokens == 0:  # at start: master conversion + optimizer states
+                need = int(parts["optimizer states"] + sum(
+                    p.numel() * 4 for b in self.blocks for p in b.params.values() if p.dtype != torch.float32))
+                what = "more for optimizer states and fp32 master weights"
+            else:
+                need = int(parts["activation stash"])
+                what = f"more for the activation stash of {window_tokens} tokens per window"
+            budget = _available_host_bytes()
+            where = f"the memory available now (RSS {psutil.Process().memory_info().rss / GiB:.1f} GiB)"
         if need > budget:
             raise MemoryBudgetError(
-                f"the stream engine needs {need / GiB:.1f} GiB more host memory for {what}, but only "
-                f"{budget / GiB:.1f} GiB is available (RSS now {psutil.Process().memory_info().rss / GiB:.1f} GiB). "
-                "Use 8-bit optimizer states (lowmem_options={'stream': {'states': '8bit'}}), fewer tokens per "
-                "accumulation window, or a machine with more RAM.")
+                f"the stream engine needs {need / GiB:.1f} GiB of host memory {what}, but {where} is "
+                f"{budget / GiB:.1f} GiB. Use 8-bit optimizer states (lowmem_options={{'stream': {{'states': '8bit'}}}}), "
+                "fewer tokens per accumulation window, or more RAM (if this machine has more than it reports, "
+                "declare it with lowmem_host_memory).")
 
     def check_gpu_memory(self, tokens_per_micro_batch: int, micro_batches: int) -> None:
         if not self.dev.cuda:
