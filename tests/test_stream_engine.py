@@ -185,3 +185,20 @@ def test_gpu_fp32_equals_plain_trainer(tmp_path):
     # TF32 and kernel choices differ between a whole-model and a per-layer run on the GPU
     assert max(abs(a - b) for a, b in zip(logged_losses(s), logged_losses(p))) < 1e-4
     assert max((x.cpu() - y.cpu()).abs().max().item() for x, y in zip(s.model.parameters(), p.model.parameters())) < 1e-4
+
+
+def test_composes_with_attention_and_chunked_loss_plugins(tmp_path):
+    """The engine runs the model's own layers, so an attention plugin's implementation is what it computes
+    with; chunked-loss is accepted (the engine always computes its loss in chunks)."""
+    kw = dict(max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2)
+    s = LowMemTrainer(model=tiny_model(), args=train_args(tmp_path / "s", lowmem_offload=["stream", "chunked-loss"],
+                      lowmem_attention="sdpa", **kw), train_dataset=RandomTokens())
+    assert s.model.config._attn_implementation == "sdpa"
+    s.train()
+    ref = tiny_model()
+    ref.config._attn_implementation = "sdpa"
+    p = Trainer(model=ref, args=train_args(tmp_path / "p", **kw), train_dataset=RandomTokens())
+    p.train()
+    s.lowmem_engine.flush()
+    assert max(abs(a - b) for a, b in zip(logged_losses(s), logged_losses(p))) < TOL
+    assert _max_weight_diff(s, p) < TOL
