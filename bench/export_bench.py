@@ -170,8 +170,9 @@ def _markdown(doc: dict) -> str:
         rt = r["real_text"]
         agree = f"{rt['top1_agreement'] * 100:.2f}% of {rt['tokens']} tokens" if "top1_agreement" in rt else rt.get("skipped", "")
         if rt.get("disagreements"):
-            agree += (f" (the {rt['disagreements']} that differ had the PyTorch model's top two logits "
-                      f"{max(rt['reference_top2_gap_at_disagreements']):.2g} or less apart)")
+            gap = max(rt["reference_top2_gap_at_disagreements"])
+            agree += (f" ({rt['disagreements']} differ; there the PyTorch model's top two logits were "
+                      + ("exactly tied" if gap == 0 else f"at most {gap:.2g} apart") + ")")
         lines.append(
             f"| {r['format']} | {r['dtype']} | {r['exporter']} | {r['export_seconds']:.1f} | {r['load_seconds']:.1f} | "
             f"{r['validate_seconds']:.1f} | {r['import_seconds']:.1f} | {r['size_bytes'] / 1e6:.1f} | {r['max_abs_diff']:.3g} | {r['tolerance']:.3g} | "
@@ -204,8 +205,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write results here (default: bench/export_results.json, "
                                                            "or nothing with --smoke)")
     p.add_argument("--md", type=Path, default=None, help="write the markdown table here (default: beside --json)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only re-render the markdown of a results JSON (to --md, default beside it)")
     p.add_argument("--one", choices=FORMATS, help=argparse.SUPPRESS)  # internal: run one format, print JSON
     a = p.parse_args(argv)
+
+    if a.render:
+        md = a.md or a.render.with_suffix(".md")
+        md.write_text(_markdown(json.loads(a.render.read_text())))
+        print(f"wrote {md}")
+        return 0
 
     if a.one:  # the per-format subprocess
         row = run_one(a.one, a.model, a.work)
