@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from hf_lowmem.export._common import ExportError, dtype_name, short_error
+from hf_lowmem.export._common import ExportError, short_error
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -438,7 +438,3 @@ def copy_side_files(m: Materialized, out: Path) -> list[str]:
             m.notes.append(f"the tokenizer was not saved: {short_error(e)}")
         written.extend(sorted(set(os.listdir(out)) - before))
     return written
-
-
-def describe_dtype(model) -> str:
-    return dtype_name(next(model.parameters()).dtype)
