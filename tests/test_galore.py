@@ -478,6 +478,16 @@ def test_checkpoint_resume_continues_exactly(tmp_path, name):
     assert _close(a, b)
 
 
+def test_layerwise_under_gradient_checkpointing(tmp_path):
+    """Checkpointed layers run their backward (and so the hooks) inside a recompute; results are unchanged."""
+    kw = dict(ga=2, steps=3, max_grad_norm=0.3, snap=True)
+    plain, snap_p = _run(tmp_path / "plain", "galore-adamw-layerwise", **kw)
+    ckpt, snap_c = _run(tmp_path / "ckpt", "galore-adamw-layerwise", gradient_checkpointing=True, **kw)
+    assert ckpt.model.is_gradient_checkpointing
+    assert logged_losses(ckpt) == pytest.approx(logged_losses(plain), rel=1e-6)
+    assert _close(snap_c.params[-1], snap_p.params[-1], rtol=0, atol=1e-6)
+
+
 def test_layerwise_step_without_hooks_is_an_error():
     from hf_lowmem.errors import PluginError
     from hf_lowmem_plugins.galore import LayerwiseOptimizer, _build, galore_param_groups  # noqa: F401
