@@ -19,6 +19,18 @@ options here; use the Trainer's ``max_grad_norm`` for clipping.
 On CPU (bitsandbytes 0.50.2) every one of these runs, through bitsandbytes' CPU kernels (slowly: ~22 M
 params/s measured on a 2-core machine); the paged variants fall back to ordinary CPU tensors there (paging
 is a CUDA feature; bitsandbytes warns once).
+
+LAMB 8-bit: bitsandbytes (0.49-0.50 at least) has no CUDA block-wise kernel named ``lamb``
+(``str2optimizer8bit_blockwise`` in ``backends/cuda/ops.py`` lists adam, momentum, rmsprop, lion, adagrad
+and ademamix), so ``LAMB8bit.step`` on the GPU raises ``ValueError: Unsupported optimizer name: lamb``.
+Its own CPU kernels run ``lamb`` as the block-wise Adam update (``backends/cpu/ops.py``: ``if
+optimizer_name in ("adam", "lamb")``, 8-bit and 32-bit alike), and on CUDA the 32-bit ``lamb`` entry is
+the Adam kernel too. This plugin therefore names the optimizer ``adam`` for bitsandbytes' kernels when the
+CUDA build lacks a ``lamb`` block-wise kernel: the arithmetic is bitsandbytes' LAMB8bit as its CPU kernels
+define it, on both devices. In these versions that is Adam(W) with 8-bit states; LAMB's update-norm
+clipping (``max_unorm=1.0``) applies only to the 32-bit states of tensors below ``min_8bit_size`` (the
+8-bit update does not implement it; bitsandbytes' own docstring says so), so do not expect a layer-wise
+trust ratio on the quantized tensors.
 """
 
 from __future__ import annotations
@@ -90,6 +102,27 @@ def _private_manager(optimizer):
     return mng
 
 
+def _cuda_blockwise_kernels():
+    """The optimizer names bitsandbytes' CUDA backend has 8-bit block-wise kernels for, or ``None`` where there
+    is no CUDA backend (CPU-only torch or bitsandbytes)."""
+    try:
+        from bitsandbytes.backends.cuda import ops as cuda_ops
+    except Exception:  # noqa: BLE001 - no CUDA here: bitsandbytes' CPU kernels take either name
+        return None
+    return set(getattr(cuda_ops, "str2optimizer8bit_blockwise", {}))
+
+
+def _lamb_on_available_kernels(optimizer) -> None:
+    """Instance patch: run bitsandbytes' ``LAMB8bit`` under the kernel name ``adam`` unless its CUDA backend
+    has a ``lamb`` block-wise kernel. Same arithmetic on the CPU (where bitsandbytes treats both names alike),
+    and what makes it run at all on CUDA (see the module docstring)."""
+    if getattr(optimizer, "optimizer_name", None) != "lamb":
+        return
+    kernels = _cuda_blockwise_kernels()
+    if kernels is None or "lamb" not in kernels:
+        optimizer.optimizer_name = "adam"
+
+
 @hookimpl
 def hf_lowmem_create_optimizer(ctx, model, trainer):
     name = ctx.selected("optimizer")
@@ -105,6 +138,8 @@ def hf_lowmem_create_optimizer(ctx, model, trainer):
     cls = getattr(bnb.optim, VARIANTS[name][0])
     groups = [g for g in trainer_param_groups(trainer, model) if g["params"]]
     optimizer = cls(groups, **_bnb_kwargs(name, ctx.args, opts))
+    if name == "bnb-lamb8bit":
+        _lamb_on_available_kernels(optimizer)
     mng = _private_manager(optimizer)
     if opts.embeddings_32bit:
         emb = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]

@@ -169,6 +169,42 @@ def test_registry_declares_the_plugins():
     assert reg["adafactor"].kind == "optimizer" and not reg["adafactor"].lossless
 
 
+def test_lamb8bit_runs_under_the_adam_kernel_name_with_the_same_arithmetic(monkeypatch):
+    """bitsandbytes 0.50 has no CUDA block-wise "lamb" kernel (LAMB8bit.step raises "ValueError: Unsupported
+    optimizer name: lamb" on the GPU); its CPU kernels run "lamb" as the Adam update. The plugin names the
+    kernel "adam" where the CUDA table lacks "lamb": bit-identical to bitsandbytes' own LAMB8bit on the CPU."""
+    import bitsandbytes as bnb
+
+    from hf_lowmem_plugins import bnb_optim
+
+    torch.manual_seed(0)
+    params = [torch.randn(64, 64), torch.randn(64)]  # 8-bit state, and a small tensor with 32-bit state
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    ours, theirs = [p.clone() for p in params], [p.clone() for p in params]
+    opt_ours = bnb.optim.LAMB8bit(ours, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
+    opt_theirs = bnb.optim.LAMB8bit(theirs, lr=1e-2, weight_decay=0.1, min_8bit_size=256)
+    monkeypatch.setattr(bnb_optim, "_cuda_blockwise_kernels", lambda: {"adam", "lion"})  # the 0.50 CUDA table
+    bnb_optim._lamb_on_available_kernels(opt_ours)
+    assert opt_ours.optimizer_name == "adam" and opt_theirs.optimizer_name == "lamb"
+    for gs in grads:
+        for o, t, g in zip(ours, theirs, gs):
+            o.grad, t.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert opt_ours.state[ours[0]]["state1"].dtype == torch.uint8
+    assert opt_ours.state[ours[1]]["state1"].dtype == torch.float32
+    for o, t in zip(ours, theirs):
+        assert torch.equal(o, t)
+    # a bitsandbytes whose CUDA backend has a "lamb" kernel keeps it; no CUDA backend: the CPU takes either name
+    again = bnb.optim.LAMB8bit([torch.randn(8, requires_grad=True)])
+    monkeypatch.setattr(bnb_optim, "_cuda_blockwise_kernels", lambda: {"adam", "lamb"})
+    bnb_optim._lamb_on_available_kernels(again)
+    assert again.optimizer_name == "lamb"
+    monkeypatch.setattr(bnb_optim, "_cuda_blockwise_kernels", lambda: None)
+    bnb_optim._lamb_on_available_kernels(again)
+    assert again.optimizer_name == "adam"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", BNB)
 def test_bnb_trains_on_gpu(tmp_path, name):
