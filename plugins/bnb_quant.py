@@ -13,6 +13,12 @@ bitsandbytes weights cannot be trained, so a model whose parameters all train is
 full-parameter training). Where the bitsandbytes build has no CPU kernels, a CPU run is refused at
 validation (bitsandbytes >= 0.48 runs both on the CPU; CUDA is where it pays off).
 
+Placement: the weights are quantized on the device the Trainer will train on (``args.device``) when the
+model still sits on the CPU, so they are not quantized twice or moved as int8. bitsandbytes'
+``Int8Params`` keeps its row statistics (``SCB``) and int8 matrix (``CB``) in attributes that a parent
+module's ``.to()``/``.cuda()`` does not move (only the weight's data is replaced), so every converted
+``Linear8bitLt`` also gets a forward pre-hook that puts them back beside the weight before it runs.
+
 Saving: a ``peft`` model saves its adapters only (as peft does). Any other model is saved with the
 quantized weights dequantized back to their original dtype and names (``save_dequantized``), so the
 folder is a standard checkpoint.
@@ -127,11 +133,13 @@ def _dtype(name: str | None, fallback):
     return getattr(torch, name) if name else fallback
 
 
-def _quantized_linear(name, lin, opts, compute_dtype):
+def _quantized_linear(name, lin, opts, compute_dtype, device=None):
+    """A bitsandbytes layer for the frozen ``lin``, quantized on ``device`` (default: where its weight is)."""
     import bitsandbytes as bnb
     import torch
 
     w = lin.weight
+    device = torch.device(device) if device is not None else w.device
     if name == NF4:
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=compute_dtype,
                               compress_statistics=opts.double_quant, quant_type=opts.quant_type, device="meta")
@@ -144,22 +152,45 @@ def _quantized_linear(name, lin, opts, compute_dtype):
     q.bias = lin.bias
     q._hf_lowmem_orig_dtype = w.dtype
     if name == NF4:
-        q = q.to(w.device)  # Params4bit quantizes when moved to a device, whichever it comes from
+        q = q.to(device)  # Params4bit quantizes when moved to a device, whichever it comes from
         ok = getattr(q.weight, "bnb_quantized", False)
     else:
-        # Int8Params quantizes only on a move *from* the CPU: quantize explicitly where the weight already is
-        q.weight = q.weight._quantize(w.device) if hasattr(q.weight, "_quantize") else q.weight.to(w.device)
-        q = q.to(w.device)
+        # Int8Params quantizes only on a move *from* the CPU: quantize explicitly, on the target device
+        q.weight = q.weight._quantize(device) if hasattr(q.weight, "_quantize") else q.weight.to(device)
+        q = q.to(device)
         ok = q.weight.dtype == torch.int8 and getattr(q.weight, "SCB", None) is not None
+        q.register_forward_pre_hook(_int8_state_follows_weight)
     if not ok:
         raise PluginError(f"{name}: bitsandbytes {getattr(bnb, '__version__', '?')} left a weight unquantized on "
-                          f"{w.device}; this plugin needs bitsandbytes >= 0.45 (pip install 'hf-lowmem[bnb]' --upgrade)")
+                          f"{device}; this plugin needs bitsandbytes >= 0.45 (pip install 'hf-lowmem[bnb]' --upgrade)")
     q.train(lin.training)
     return q
 
 
-def convert_model(model, name: str, opts, compute_dtype=None) -> list[str]:
-    """Swap frozen ``nn.Linear`` modules for bitsandbytes layers. Returns the converted module names."""
+def _int8_state_follows_weight(module, args=None):
+    """Forward pre-hook of a ``Linear8bitLt``: put its int8 matrix (``CB``) and row statistics (``SCB``), on the
+    weight and in ``module.state``, where the weight's data is.
+
+    ``Module.to``/``.cuda`` on a *parent* replaces only ``weight.data`` (``param.data = moved``); bitsandbytes'
+    ``Int8Params.to`` returns a new parameter with moved statistics, which ``Module._apply`` drops, and
+    ``Linear8bitLt.to`` (which moves ``state``) only runs when the layer itself is moved. Left alone, the first
+    forward on the GPU gets CPU statistics (bitsandbytes 0.50: ``ValueError: Expected a cuda device, but got:
+    cpu`` from its cuBLAS context lookup)."""
+    w = module.weight
+    data = w.data
+    for holder in (w, module.state):
+        cb = getattr(holder, "CB", None)
+        if cb is not None and cb.device != data.device:  # CB is the weight's int8 matrix: the moved data
+            holder.CB = data if cb.dtype == data.dtype and cb.shape == data.shape else cb.to(data.device)
+        scb = getattr(holder, "SCB", None)
+        if scb is not None and scb.device != data.device:
+            holder.SCB = scb.to(data.device)
+    return None
+
+
+def convert_model(model, name: str, opts, compute_dtype=None, device=None) -> list[str]:
+    """Swap frozen ``nn.Linear`` modules for bitsandbytes layers, quantized on ``device`` (default: where each
+    weight is). Returns the converted module names."""
     import torch
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -173,7 +204,7 @@ def convert_model(model, name: str, opts, compute_dtype=None) -> list[str]:
             if any(full == s or full.endswith("." + s) for s in skip):
                 continue
             cdt = _dtype(getattr(opts, "compute_dtype", None), compute_dtype or child.weight.dtype)
-            setattr(parent, child_name, _quantized_linear(name, child, opts, cdt))
+            setattr(parent, child_name, _quantized_linear(name, child, opts, cdt, device))
             converted.append(full)
     return converted
 
@@ -195,7 +226,7 @@ def dequantized_weight(m):
         scb = getattr(w, "SCB", None)
         if scb is None:
             scb = m.state.SCB
-        out = w.data.float() * (scb.float().unsqueeze(1) / 127.0)
+        out = w.data.float() * (scb.to(w.device).float().unsqueeze(1) / 127.0)
     return out.to(dtype).cpu()
 
 
@@ -220,6 +251,23 @@ def dequantize_state_dict(model, state_dict) -> int:
         state_dict[wkey] = dequantized_weight(m)
         n += 1
     return n
+
+
+def _training_device(ctx, model):
+    """The CUDA device the Trainer will move a model that is still on the CPU to (``args.device``), or ``None``
+    (quantize where the weights are: the model is placed already, spread by a device map, or trains on the CPU)."""
+    import torch
+
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type != "cpu":
+        return None
+    dmap = getattr(model, "hf_device_map", None)
+    if dmap and len(set(dmap.values())) > 1:
+        return None
+    if getattr(ctx.args, "use_cpu", False) or not torch.cuda.is_available():
+        return None
+    dev = torch.device(ctx.args.device)
+    return dev if dev.type == "cuda" else None
 
 
 # ---- hooks -------------------------------------------------------------------------------------------------
@@ -258,7 +306,7 @@ def hf_lowmem_prepare_model(ctx, model, stage):
         compute = torch.bfloat16
     elif getattr(ctx.args, "fp16", False):
         compute = torch.float16
-    converted = convert_model(root, name, opts, compute)
+    converted = convert_model(root, name, opts, compute, _training_device(ctx, root))
     if not converted:
         raise PluginError(f"{name}: no frozen nn.Linear to quantize (skip_modules={opts.skip_modules}). Freeze the "
                           "base weights (peft does) or drop the quantization plugin.")

@@ -250,6 +250,42 @@ def test_bnb_with_peft(tmp_path):
     assert math.isfinite(losses[-1])
 
 
+def test_bnb_int8_statistics_follow_the_weight_to_its_device():
+    """A parent's .to()/.cuda() replaces only weight.data of a Linear8bitLt (Module._apply), so bitsandbytes'
+    CB/SCB stay on the old device (on CUDA: "ValueError: Expected a cuda device, but got: cpu" in the first
+    forward). Each converted layer has a pre-hook that moves them beside the weight. There is one device here,
+    so the stale state is built by hand: a fake "moved" weight and statistics marked as elsewhere."""
+    pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    from hf_lowmem_plugins.bnb_quant import Bnb8bitOptions, _int8_state_follows_weight, _quantized_linear
+
+    lin = torch.nn.Linear(64, 32).requires_grad_(False)
+    q = _quantized_linear("bnb-int8", lin, Bnb8bitOptions(), torch.float32)
+    assert _int8_state_follows_weight in q._forward_pre_hooks.values()
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), lin(x), atol=0.05, rtol=0.05)  # the hook is harmless where all agree
+
+    class Elsewhere:  # a tensor on another device: only .device, .dtype, .shape and .to(device) are used
+        def __init__(self, t, device):
+            self.t, self.device, self.dtype, self.shape = t, torch.device(device), t.dtype, t.shape
+
+        def to(self, device):
+            return self.t.to(device)
+
+    data = torch.randint(-127, 128, (32, 64), dtype=torch.int8)  # the weight's data after the move
+    scb = torch.rand(32) + 1
+    weight = SimpleNamespace(data=data, CB=Elsewhere(data.clone(), "meta"), SCB=Elsewhere(scb, "meta"))
+    state = SimpleNamespace(CB=Elsewhere(data.clone(), "meta"), SCB=Elsewhere(scb, "meta"))
+    _int8_state_follows_weight(SimpleNamespace(weight=weight, state=state))
+    for holder in (weight, state):
+        assert holder.CB is data  # CB is the int8 matrix itself: the moved data
+        assert isinstance(holder.SCB, torch.Tensor) and torch.equal(holder.SCB, scb)
+    untouched = SimpleNamespace(data=data, CB=None, SCB=scb)
+    _int8_state_follows_weight(SimpleNamespace(weight=untouched, state=SimpleNamespace(CB=None, SCB=None)))
+    assert untouched.CB is None and untouched.SCB is scb
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["bnb-nf4", "bnb-int8"])
 def test_bnb_on_gpu(tmp_path, name):
