@@ -15,7 +15,8 @@ off). This module registers no named plugin: it only contributes a callback thro
     out), and model FLOPs utilisation: ``tokens/s x 6 x matmul parameters`` (the usual 6N convention: the
     embedding lookup is free, a tied LM head counts; attention's sequence-length-dependent FLOPs are left
     out, so MFU is slightly understated at long sequences) over the device's dense bf16 peak (fp32 peak
-    for fp32 training) times the number of processes. Omitted on the CPU and on GPUs missing from
+    for fp32 training) times the number of processes (values keep 4 significant digits, so a tiny model's
+    MFU of ~1e-7 is logged as such, not as 0). Omitted on the CPU and on GPUs missing from
     :data:`PEAK_TFLOPS` (set ``HF_LOWMEM_PEAK_TFLOPS`` to give the peak).
 
 Tokens are counted the way the Trainer counts FLOPs (``floating_point_ops``: 6 x non-embedding
@@ -79,6 +80,16 @@ def matmul_params(model: Any) -> int:
     n_emb = sum(p.numel() for p in emb.parameters()) if emb is not None else 0
     tied = emb is not None and out is not None and getattr(out, "weight", None) is getattr(emb, "weight", 0)
     return total - n_emb + (out.weight.numel() if tied else 0)
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` rounded to ``digits`` significant digits: a tiny model's MFU (~1e-7) or memory stays non-zero,
+    where a fixed number of decimals would log 0."""
+    return float(f"{x:.{digits}g}")
+
+
+def _percent(x: float) -> str:
+    return f"{x:.1%}" if x >= 1e-3 else f"{100 * x:.2g}%"
 
 
 def host_peak_rss() -> int:
@@ -201,16 +212,16 @@ class TelemetryMixin:
         out: dict[str, float] = {}
         g = self._gpu()
         if g:
-            out[PREFIX + "gpu_peak_alloc_gib"] = round(g["peak_alloc"] / GiB, 3)
-            out[PREFIX + "gpu_peak_reserved_gib"] = round(g["peak_reserved"] / GiB, 3)
-        out[PREFIX + "host_peak_rss_gib"] = round(host_peak_rss() / GiB, 3)
+            out[PREFIX + "gpu_peak_alloc_gib"] = _sig(g["peak_alloc"] / GiB)
+            out[PREFIX + "gpu_peak_reserved_gib"] = _sig(g["peak_reserved"] / GiB)
+        out[PREFIX + "host_peak_rss_gib"] = _sig(host_peak_rss() / GiB)
         flos = float(state.total_flos or 0.0)
         if self.n_hf > 0 and flos > self.flos_at_log and self.interval_time > 0:
             tokens = (flos - self.flos_at_log) / (6.0 * self.n_hf)
             tps = tokens / self.interval_time
             out[PREFIX + "tokens_per_s"] = round(tps, 1)
             if self.peak_tflops:
-                out[PREFIX + "mfu"] = round(tps * self.flops_per_token / (self.peak_tflops * 1e12 * self.world), 4)
+                out[PREFIX + "mfu"] = _sig(tps * self.flops_per_token / (self.peak_tflops * 1e12 * self.world))
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -254,11 +265,11 @@ class TelemetryMixin:
             "tokens": int(round(tokens)) if tokens is not None else None,
             "tokens_per_s": round(tokens / self.train_time, 1) if tokens and self.train_time > 0 else None,
             "device": self.device_name, "peak_tflops": self.peak_tflops,
-            "gpu_peak_alloc_gib": round(g["peak_alloc"] / GiB, 3) if g else None,
-            "gpu_peak_reserved_gib": round(g["peak_reserved"] / GiB, 3) if g else None,
-            "host_peak_rss_gib": round(host_peak_rss() / GiB, 3),
+            "gpu_peak_alloc_gib": _sig(g["peak_alloc"] / GiB) if g else None,
+            "gpu_peak_reserved_gib": _sig(g["peak_reserved"] / GiB) if g else None,
+            "host_peak_rss_gib": _sig(host_peak_rss() / GiB),
         }
-        s["mfu"] = (round(s["tokens_per_s"] * self.flops_per_token / (self.peak_tflops * 1e12 * self.world), 4)
+        s["mfu"] = (_sig(s["tokens_per_s"] * self.flops_per_token / (self.peak_tflops * 1e12 * self.world))
                     if s["tokens_per_s"] and self.peak_tflops else None)
         if self.cuda:
             import torch
@@ -279,7 +290,7 @@ class TelemetryMixin:
         if s.get("tokens"):
             tput = f", {s['tokens']:,} tokens: {s['tokens_per_s']:,.0f} tokens/s"
             if s.get("mfu") is not None:
-                tput += f", MFU {s['mfu']:.1%} of {s['peak_tflops']:g} TFLOP/s ({s['device']})"
+                tput += f", MFU {_percent(s['mfu'])} of {s['peak_tflops']:g} TFLOP/s ({s['device']})"
         lines.append(f"hf-lowmem telemetry: {s.get('steps')} steps in {s.get('train_seconds', 0):.1f} s of training{tput}")
         if s.get("gpu_peak_alloc_gib") is not None:
             lines.append(f"  peak GPU memory: {s['gpu_peak_alloc_gib']:.2f} GiB allocated, {s['gpu_peak_reserved_gib']:.2f} GiB "

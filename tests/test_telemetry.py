@@ -95,7 +95,16 @@ def test_mfu_arithmetic_and_peak_table(monkeypatch):
 
     m = cb.metrics(State())
     assert m["lowmem/tokens_per_s"] == pytest.approx(25_000)
-    assert m["lowmem/mfu"] == pytest.approx(25_000 * 7_000_000 / (100e12 * 2), abs=1e-4)
+    assert m["lowmem/mfu"] == pytest.approx(25_000 * 7_000_000 / (100e12 * 2), rel=1e-3)
+
+    # a tiny model on a big GPU (the test model on an H200: ~1,700 tokens/s x 6 x 22k params / 989 TFLOP/s):
+    # 4 significant digits, not 4 decimals, so the MFU is logged and printed non-zero
+    cb.flops_per_token, cb.peak_tflops, cb.world, cb.interval_time, cb.flos_at_log = 136_000, 989.4, 1, 2.0, 0.0
+    tiny = cb.metrics(State())["lowmem/mfu"]
+    assert tiny == pytest.approx(25_000 * 136_000 / 989.4e12, rel=1e-3) and tiny > 0
+    cb.summary = {"steps": 4, "train_seconds": 0.1, "tokens": 128, "tokens_per_s": 1672.0, "mfu": 2.3e-7,
+                  "peak_tflops": 989.4, "device": "NVIDIA H200", "host_peak_rss_gib": 1.9}
+    assert "MFU 2.3e-05% of 989.4 TFLOP/s" in cb.summary_text()
 
 
 def test_matmul_params_counts_a_tied_head():
