@@ -187,6 +187,7 @@ def child(spec: dict) -> dict:
                 probe["peak"] = probe["baseline"] + peak
 
     trainer = LowMemTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[LastStepOnCpu()])
+    seen_dtype = _watch_compute_dtype(model)
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     out = trainer.train()
@@ -200,8 +201,31 @@ def child(spec: dict) -> dict:
         "id": spec["id"], "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "measured_bytes": measured, "reserved_bytes": reserved, "device": torch.cuda.get_device_name() if cuda else "cpu",
         "plugins": trainer.lowmem_ctx.selection.names(), "train_loss": round(out.training_loss, 4),
+        "compute_dtype": seen_dtype.get("dtype"),
         "build_s": round(build_s, 1), "train_s": round(time.perf_counter() - t1, 1),
     }
+
+
+def _watch_compute_dtype(model) -> dict:
+    """Record the output dtype of the first projection of the first decoder layer in training: the precision
+    the decoder really computes in (a plugin that calls the decoder outside the Trainer's autocast would show
+    float32 for a bf16-mixed row, and the row would measure another configuration than the one predicted)."""
+    import torch
+
+    seen: dict = {}
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    first = next((m for m in layers[0].modules() if isinstance(m, torch.nn.Linear)), None) if layers else None
+    if first is not None:
+        def hook(mod, args, out):
+            if mod.training and "dtype" not in seen:
+                seen["dtype"] = str(out.dtype).replace("torch.", "")
+        first.register_forward_hook(hook)
+    return seen
+
+
+def expected_compute_dtype(precision: str) -> str:
+    return "float32" if precision == "fp32" else "bfloat16"
 
 
 # ---- the parent: predict, run, compare ------------------------------------------------------------------
@@ -299,13 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             meas = res["measured_bytes"]
             err_rel = (e.gpu_peak_allocated - meas) / meas
+            notes = []
             if res["params"] != pred["shape"].params_total:
-                rec["status_note"] = f"parameter count differs: model {res['params']} vs planner {pred['shape'].params_total}"
+                notes.append(f"parameter count differs: model {res['params']} vs planner {pred['shape'].params_total}")
+            want = expected_compute_dtype(base["precision"])
+            if res.get("compute_dtype") and res["compute_dtype"] != want:
+                notes.append(f"the decoder computed in {res['compute_dtype']}, not {want} as {base['precision']} implies: "
+                             "the run measured another configuration than the one predicted")
+            if notes:
+                rec["status_note"] = "; ".join(notes)
             rec.update(status="ok", measured_peak_gib=round(meas / GiB, 6 if smoke else 3),
                        measured_reserved_gib=round(res["reserved_bytes"] / GiB, 3) if res.get("reserved_bytes") else None,
                        error_pct=round(100 * err_rel, 1), within_15pct=abs(err_rel) <= TOLERANCE,
                        device=res["device"], train_loss=res["train_loss"], child_build_s=res["build_s"],
-                       child_train_s=res["train_s"])
+                       child_train_s=res["train_s"], compute_dtype=res.get("compute_dtype"))
         print(f"[{row['id']}] {rec.get('status')}: predicted {rec['predicted_peak_gib']} GiB, measured "
               f"{rec.get('measured_peak_gib')} GiB, error {rec.get('error_pct')}% ({rec['seconds']} s)", flush=True)
         results.append(rec)
@@ -351,6 +382,9 @@ def markdown(summary: dict, rows: list[dict]) -> str:
                      f"{r['precision']} | {r['plan_label']} | {r['predicted_peak_gib'] / div:.2f} | {r['measured_peak_gib'] / div:.2f} | "
                      f"{r['error_pct']:+.1f}% | {'yes' if r['within_15pct'] else '**no**'} |")
     lines += ["", "Notes per row: " + "; ".join(f"{r['id']}: {r['note']}" for r in rows), ""]
+    flagged = [r for r in rows if r.get("status_note")]
+    if flagged:
+        lines += ["Warnings: " + "; ".join(f"{r['id']}: {r['status_note']}" for r in flagged), ""]
     return "\n".join(lines)
 
 

@@ -18,6 +18,13 @@ Kind: ``offload``. It is an activation-memory technique like checkpointing, and 
 of which several plugins can be selected at once, so it combines with an attention plugin (``sdpa``,
 ``flash-attn``) and with checkpointing.
 
+Mixed precision: with ``bf16=True`` / ``fp16=True`` the Trainer (through accelerate) runs the model's own
+``forward`` under ``torch.autocast``; calling the decoder directly bypasses that wrapper, so this plugin enters
+the same autocast region itself (dtype from the arguments). Without it an fp32 model trained with
+``bf16=True`` would run its whole decoder in fp32: twice the activation memory, and for grouped-query
+attention on CUDA the SDPA math kernel, which materialises a (batch x heads x seq x seq) fp32 matrix per layer
+(no fused CUDA kernel takes fp32 with grouped KV heads).
+
 Single-process only: it calls the decoder directly, which would bypass a DDP/FSDP wrapper's forward.
 """
 
@@ -184,11 +191,45 @@ def _unwrap(model):
         model = inner
 
 
-def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024):
-    """The loss ``model(**inputs).loss`` would give, computed without the full logits."""
+def _autocast_region(device_type: str, dtype):
+    """``torch.autocast(device_type, dtype)``, or a no-op when ``dtype`` is ``None`` or autocast is already on."""
+    import torch
+
+    if dtype is None or torch.is_autocast_enabled(device_type):
+        return _null()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def mixed_precision_dtype(args):
+    """The autocast dtype the Trainer runs the model's forward under for these arguments (``bf16=True``:
+    ``torch.bfloat16``, ``fp16=True``: ``torch.float16``), or ``None`` for full precision."""
+    import torch
+
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return None
+
+
+def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024, autocast_dtype=None):
+    """The loss ``model(**inputs).loss`` would give, computed without the full logits.
+
+    ``autocast_dtype``: run the decoder and the loss under ``torch.autocast`` of this dtype, as the Trainer's
+    mixed precision runs ``model.forward`` (the decoder is called directly here, outside that wrapper);
+    ``None``: as called (nothing added)."""
     import torch
 
     model = _unwrap(model)
+    device_type = inputs["input_ids"].device.type if torch.is_tensor(inputs.get("input_ids")) else \
+        next(model.parameters()).device.type
+    with _autocast_region(device_type, autocast_dtype):
+        return _chunked_loss(model, inputs, num_items_in_batch, chunk_size)
+
+
+def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int):
+    import torch
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     if head is None or decoder is None or not hasattr(head, "weight"):
@@ -239,4 +280,5 @@ def hf_lowmem_compute_loss(ctx, model, inputs, num_items_in_batch):
     if not ctx.is_selected(NAME):
         return None
     opts = ctx.options(NAME) or ChunkedLossOptions()
-    return causal_lm_chunked_loss(model, inputs, num_items_in_batch, opts.chunk_size)
+    return causal_lm_chunked_loss(model, inputs, num_items_in_batch, opts.chunk_size,
+                                  autocast_dtype=mixed_precision_dtype(ctx.args))
