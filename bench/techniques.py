@@ -172,7 +172,7 @@ def child(a):
 
         opts = dict(spec.get("options") or {})
         if a.smoke and "activation-offload" in spec.get("offload", []):
-            opts["activation-offload"] = {"min_bytes": 0, **opts.get("activation-offload", {})}
+            opts["activation-offload"] = {"min_bytes": 0, "keep_bytes": 0, **opts.get("activation-offload", {})}
         args = LowMemTrainingArguments(**base, lowmem_optimizer=spec.get("optim"),
                                        lowmem_quantization=spec.get("quantization"),
                                        lowmem_attention=spec.get("attention"), lowmem_offload=spec.get("offload"),

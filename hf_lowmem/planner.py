@@ -758,10 +758,12 @@ def _m_checkpointing(inp: PlanInput, st: _Step, name: str) -> None:
 
 def _m_activation_offload(inp: PlanInput, st: _Step, name: str) -> None:
     target = inp.option(name, "target", "cpu")
-    prefetch = float(inp.option(name, "prefetch_bytes", 256 * MiB))
+    prefetch = float(inp.option(name, "prefetch_bytes", 128 * MiB))
+    keep = inp.option(name, "keep_bytes", None)
     st.offload_acts = True
-    # on the GPU at a time: the layer being computed plus what backward prefetches
-    st.offload_window = prefetch
+    # on the GPU at a time: the layer being computed plus what backward prefetches, plus the forward's newest
+    # tensors, which are never offloaded (keep_bytes, default prefetch_bytes: 128 + 128 MiB by default)
+    st.offload_window = prefetch + (prefetch if keep is None else float(keep))
     stored = sum(c if r else a for a, c, r in zip(st.acts, st.ckpt, st.recompute))
     if target == "cpu":
         st.host["activations offloaded (pinned)"] = stored

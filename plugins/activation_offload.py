@@ -11,6 +11,13 @@ tensor autograd saves (above ``min_bytes``, and not a parameter) to an offloader
   temporary directory); backward reads them back ahead of need on a reader thread. For sequences whose
   activations do not fit in host RAM. Files are deleted when autograd frees the saved tensor.
 
+The newest saved tensors of each forward (``keep_bytes``, default ``prefetch_bytes``) are not offloaded:
+backward needs them first, right after the loss, so their round trip could not be hidden behind compute
+(it would stall the first layers of backward) and the prefetch would bring them straight back anyway. A
+tensor is therefore copied out only once newer ones worth ``keep_bytes`` have been saved after it. A tensor
+that several autograd nodes saved (the same storage, e.g. a norm's input) is copied once and, in backward,
+brought back once: its GPU copy serves every node that unpacks it.
+
 On a CPU-only run the same code path runs with plain copies (no streams), so tests can check that
 training is unchanged. Offloading is lossless: values are copied bit for bit.
 
@@ -23,6 +30,7 @@ activation memory left on the GPU is about one layer's recompute, independent of
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import logging
 import os
@@ -54,14 +62,20 @@ class ActivationOffloadOptions:
     #: how many bytes of saved tensors backward fetches ahead of need (enough to hide the copy latency;
     #: a larger window brings activations back to the GPU earlier and gives back the memory saved)
     prefetch_bytes: int = 128 << 20
+    #: the newest saved tensors of each forward, at least this many bytes, stay where they are (backward
+    #: needs them first, so their round trip could not be hidden); default: prefetch_bytes. 0 offloads all
+    keep_bytes: int | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.dir is not None and self.target != "disk":
             raise ValueError('dir is only used with target="disk"')
-        if int(self.min_bytes) < 0 or int(self.prefetch_bytes) < 0:
-            raise ValueError("min_bytes and prefetch_bytes must be >= 0")
+        if int(self.min_bytes) < 0 or int(self.prefetch_bytes) < 0 or int(self.kept_bytes()) < 0:
+            raise ValueError("min_bytes, prefetch_bytes and keep_bytes must be >= 0")
+
+    def kept_bytes(self) -> int:
+        return int(self.prefetch_bytes if self.keep_bytes is None else self.keep_bytes)
 
 
 @hookimpl
@@ -95,7 +109,8 @@ class _Handle:
     """What autograd stores in place of an offloaded tensor."""
 
     __slots__ = ("idx", "device", "dtype", "shape", "stride", "nbytes", "host", "d2h", "gpu", "h2d",
-                 "path", "written", "read", "prefetched", "__weakref__")
+                 "path", "written", "read", "prefetched", "resident", "version", "uses", "unpacks", "cached",
+                 "modified", "__weakref__")
 
     def __init__(self, t):
         self.device, self.dtype, self.shape, self.stride = t.device, t.dtype, t.shape, t.stride()
@@ -103,6 +118,12 @@ class _Handle:
         self.idx = -1
         self.host = self.d2h = self.gpu = self.h2d = self.path = self.written = self.read = None
         self.prefetched = False
+        # the tensor itself, detached (no reference cycle through its grad_fn), until it is offloaded; the
+        # newest tensors of a forward keep it for good
+        self.resident = t.detach()
+        self.version = t._version
+        self.uses, self.unpacks, self.cached = 1, 0, None  # autograd nodes that saved it; a copy they share
+        self.modified = None  # (saved version, later version) if it was changed in place before it was copied
 
 
 def _dense(t) -> bool:
@@ -166,14 +187,20 @@ def _remove_after(written, path):
 
 
 class ActivationOffloader:
-    """Pack/unpack hooks that move saved tensors to pinned host memory or files, with prefetch."""
+    """Pack/unpack hooks that move saved tensors to pinned host memory or files, with prefetch.
 
-    def __init__(self, target="cpu", dir=None, min_bytes=1 << 20, prefetch_bytes=128 << 20):
+    ``keep_bytes`` (default ``prefetch_bytes``): the newest saved tensors of a forward, at least this many
+    bytes, are never copied out (a tensor is offloaded once that much has been saved after it)."""
+
+    def __init__(self, target="cpu", dir=None, min_bytes=1 << 20, prefetch_bytes=128 << 20, keep_bytes=None):
         self.target, self.min_bytes, self.prefetch_bytes = target, int(min_bytes), int(prefetch_bytes)
+        self.keep_bytes = self.prefetch_bytes if keep_bytes is None else int(keep_bytes)
         self._dir, self._own_dir = dir, False
         self._stream = None
         self._pending = []          # (event, gpu tensor) kept alive until their device-to-host copy is done
         self._order = []            # weakrefs to this forward's handles, in pack order
+        self._recent = collections.deque()  # (weakref, nbytes) of handles packed but not offloaded yet
+        self._recent_bytes = 0
         self._dedup = {}
         self._param_storages = set()
         self._cursor = None         # next index backward may prefetch from (downwards)
@@ -181,13 +208,16 @@ class ActivationOffloader:
         self._counter = itertools.count()
         self._writer = self._reader = None
         self._lock = threading.Lock()
-        self.stats = {"packed": 0, "packed_bytes": 0, "kept": 0, "prefetched": 0, "sync_fetches": 0}
+        self.stats = {"packed": 0, "packed_bytes": 0, "kept": 0, "offloaded": 0, "offloaded_bytes": 0,
+                      "resident": 0, "prefetched": 0, "sync_fetches": 0, "shared_unpacks": 0}
 
     # -- lifecycle --
     def begin_forward(self, module=None):
         import torch
 
         self._order, self._dedup, self._cursor, self._inflight = [], {}, None, 0
+        self._recent.clear()
+        self._recent_bytes = 0
         if module is not None:
             self._param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             self._param_storages |= {b.untyped_storage().data_ptr() for b in module.buffers()}
@@ -195,6 +225,10 @@ class ActivationOffloader:
         self._torch = torch
 
     def end_forward(self):
+        # what is still waiting is the forward's newest keep_bytes: it stays where it is for backward
+        self.stats["resident"] += sum(1 for ref, _ in self._recent if ref() is not None)
+        self._recent.clear()
+        self._recent_bytes = 0
         self._reap(block=False)
 
     def hooks(self):
@@ -239,6 +273,17 @@ class ActivationOffloader:
             return True
         return t.untyped_storage().data_ptr() in self._param_storages
 
+    @staticmethod
+    def _check_version(h):
+        """Raise, as autograd itself would, for a saved tensor changed in place before backward used it."""
+        if h.resident is not None and h.resident._version != h.version:
+            h.modified = (h.version, h.resident._version)
+        if h.modified is not None:
+            raise RuntimeError(
+                "activation-offload: one of the tensors saved for backward was modified by an in-place operation "
+                f"(shape {tuple(h.shape)}, {h.dtype}; version {h.modified[0]} when saved, {h.modified[1]} later). "
+                "Make that operation out-of-place.")
+
     # -- pack: forward --
     def pack(self, t):
         import torch
@@ -247,16 +292,41 @@ class ActivationOffloader:
             return self._pack(t)
 
     def _pack(self, t):
-        import torch
-
         if self._keep(t):
             self.stats["kept"] += 1
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         hit = self._dedup.get(key)
         if hit is not None and hit[0]() is t and hit[1]() is not None:
-            return hit[1]()
+            h = hit[1]()
+            h.uses += 1
+            return h
         h = _Handle(t)
+        h.idx = len(self._order)
+        self._order.append(weakref.ref(h))
+        self._dedup[key] = (weakref.ref(t), weakref.ref(h))
+        self.stats["packed"] += 1
+        self.stats["packed_bytes"] += h.nbytes
+        # offload the oldest waiting tensors once newer ones worth keep_bytes follow them
+        self._recent.append((weakref.ref(h), h.nbytes))
+        self._recent_bytes += h.nbytes
+        while self._recent and self._recent_bytes - self._recent[0][1] >= self.keep_bytes:
+            ref, n = self._recent.popleft()
+            self._recent_bytes -= n
+            old = ref()
+            if old is not None and old.resident is not None:
+                self._offload(old)
+        self._reap(block=False)
+        return h
+
+    def _offload(self, h):
+        """Copy ``h``'s tensor to host memory (and, for target disk, on to a file); release it on its device."""
+        import torch
+
+        t = h.resident
+        if t._version != h.version:  # changed in place since it was saved: its saved value is gone (raised at unpack)
+            h.modified, h.resident = (h.version, t._version), None
+            return
         if t.is_cuda:
             stream = self._side_stream(t.device)
             current = torch.cuda.current_stream(t.device)
@@ -277,13 +347,9 @@ class ActivationOffloader:
             weakref.finalize(h, _schedule_remove, self._writer_pool(), h.written, h.path)
         else:
             h.host = host
-        h.idx = len(self._order)
-        self._order.append(weakref.ref(h))
-        self._dedup[key] = (weakref.ref(t), weakref.ref(h))
-        self.stats["packed"] += 1
-        self.stats["packed_bytes"] += h.nbytes
-        self._reap(block=False)
-        return h
+        h.resident = None
+        self.stats["offloaded"] += 1
+        self.stats["offloaded_bytes"] += h.nbytes
 
     @staticmethod
     def _write(event, host, path):
@@ -342,7 +408,7 @@ class ActivationOffloader:
         j = idx - 1 if self._cursor is None else min(self._cursor, idx - 1)
         while j >= 0 and self._inflight < self.prefetch_bytes:
             h = self._order[j]()
-            if h is not None and not h.prefetched:
+            if h is not None and not h.prefetched and h.resident is None and h.cached is None:
                 if self.target == "disk":
                     h.read = self._reader_pool().submit(self._read, h)
                 elif h.device.type == "cuda":
@@ -365,6 +431,24 @@ class ActivationOffloader:
             return self._unpack(h)
 
     def _unpack(self, h):
+        h.unpacks += 1
+        last = h.unpacks >= h.uses  # the last node that saved it (per backward: a retained graph comes round again)
+        if last:
+            h.unpacks = 0
+        self._check_version(h)
+        if h.resident is not None:  # never offloaded (the forward's newest tensors)
+            out = h.resident
+        elif h.cached is not None:  # another node that saved the same tensor already brought it back
+            out = h.cached
+            self.stats["shared_unpacks"] += 1
+        else:
+            out = self._bring_back(h)
+        h.cached = None if last else out
+        if 0 <= h.idx < len(self._order) and self._order[h.idx]() is h:
+            self._prefetch_before(h.idx)
+        return out
+
+    def _bring_back(self, h):
         import torch
 
         if h.prefetched:
@@ -385,8 +469,6 @@ class ActivationOffloader:
         else:
             out = self._materialize(h, self._host_of(h), _empty_like_layout(h))
         h.read = None  # disk: a second unpack (retain_graph) reads the file again
-        if 0 <= h.idx < len(self._order) and self._order[h.idx]() is h:
-            self._prefetch_before(h.idx)
         return out
 
 
@@ -437,7 +519,7 @@ def hf_lowmem_prepare_model(ctx, model, stage):
     if stage != "offload" or not ctx.is_selected(NAME):
         return None
     opts = ctx.options(NAME) or ActivationOffloadOptions()
-    off = ActivationOffloader(opts.target, opts.dir, opts.min_bytes, opts.prefetch_bytes)
+    off = ActivationOffloader(opts.target, opts.dir, opts.min_bytes, opts.prefetch_bytes, opts.kept_bytes())
     handles = install(model, off)
     ctx.state[NAME] = {"offloader": off, "hooks": handles}
     logger.info("activation-offload: saved activations of the decoder go to %s%s", opts.target,
