@@ -45,7 +45,7 @@ VARIANTS = {
     "bnb-adamw8bit": ("AdamW8bit", "bitsandbytes 8-bit AdamW (block-wise quantized states: 2 bytes/param)"),
     "bnb-paged-adamw8bit": ("PagedAdamW8bit", "bitsandbytes paged 8-bit AdamW (states page to host RAM under GPU pressure)"),
     "bnb-paged-adamw32bit": ("PagedAdamW32bit", "bitsandbytes paged 32-bit AdamW (exact AdamW states, paged to host RAM)"),
-    "bnb-lamb8bit": ("LAMB8bit", "bitsandbytes 8-bit LAMB (layer-wise trust ratio, for large batches)"),
+    "bnb-lamb8bit": ("LAMB8bit", "bitsandbytes LAMB8bit; in bitsandbytes 0.49-0.50 its 8-bit update is AdamW's (no trust ratio)"),
     "bnb-lion8bit": ("Lion8bit", "bitsandbytes 8-bit Lion (one momentum state: 1 byte/param; use a ~3-10x smaller lr)"),
 }
 
