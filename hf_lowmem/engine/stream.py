@@ -633,44 +633,132 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
                            tokens_per_micro_batch: int, micro_batches: int, compute_bytes: int = 2,
                            state_format: str = "8bit", loss_chunk_tokens: int = 2048,
                            masters_exist: bool = False) -> dict:
-    """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated: the larger of the forward
-    phase, where pending updates run, and the backward phase, where layers are recomputed) and
-    ``host_bytes``, each with a breakdown. ``block_params``: parameters of [embedding, layer 1..N, norm+head]."""
-    P = sum(block_params)
-    layers = block_params[1:-1]
-    big = max(block_params)
-    T, H, I = tokens_per_micro_batch, hidden_size, intermediate_size
-    window = T * micro_batches
-    state_b = 2.0 + 8 / 256 if state_format == "8bit" else 8.0
+    """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated, as
+    ``torch.cuda.max_memory_allocated`` counts it) and ``host_bytes``, each with a breakdown, plus the total
+    of every phase (``gpu_phases``) and the one that sets the peak (``gpu_peak_phase``).
+    ``block_params``: parameters of [embedding, layer 1..N, norm+head] (a tied LM head's weight belongs to
+    the embedding, so the last block is then only the norm).
+
+    Each phase counts the device tensors :meth:`StreamEngine._run_window` holds at that moment (a tensor
+    counts from its allocation until the last Python reference to it goes, which is when the caching
+    allocator stops counting it even if a copy stream still reads it). Nothing depends on the number of
+    layers: only one or two blocks are on the device at a time. Decoder layers are counted as Llama-style
+    layers (q/k/v/o projections, gated MLP, RMSNorm) with full-width k and v, an upper bound for grouped KV
+    heads. The peak of a Llama-2-7B-shaped layer is the backward of a decoder layer; checked against
+    ``torch.cuda.max_memory_allocated`` on an H200 in ``tests/test_stream_estimate.py``."""
+    emb, layers, head = block_params[0], list(block_params[1:-1]), block_params[-1]
+    T, H, I, V = tokens_per_micro_batch, hidden_size, intermediate_size, vocab_size
+    B = micro_batches
+    window = T * B
     cb = compute_bytes
-    # forward: the block in use (compute dtype), its update being written back (fp32 master, states, fp32 and
-    # stored gradient), the next block in flight (fp32 master, states, stored gradient), the window's hidden
-    # states in and out, one micro-batch's no-grad activations
-    forward = {
-        "weights": int(big * cb),
-        "update_staging": int(big * (4 + state_b + 4 + cb) + big * (4 + state_b + cb)),
-        "hidden_states": int(2 * window * H * cb),
-        "activations": int(T * (2 * H + 3 * I) * cb),
+    gb = cb  # the engine keeps gradients between backward and the deferred update in the compute dtype
+    sb = 2.0 + 8 / 256 if state_format == "8bit" else 8.0
+    lay = max(layers, default=0)
+    mat = max(H * I, H * H)  # the largest matrix of a decoder layer
+    tied = head < V * H  # the head block owns only the final norm; it computes with the embedding's weight
+    head_w = head + (V * H if tied else 0)  # parameters the head block computes with
+    C = min(loss_chunk_tokens, T)
+
+    def cast(n):  # the compute-dtype copy made from an fp32 master on the device (none in fp32)
+        return n * cb if cb != 4 else 0
+
+    def fetch(n):  # an update's inputs copied in: fp32 master, optimizer states, the stored gradient
+        return n * (4 + sb + gb)
+
+    head_fetch = fetch(head) + (V * H * 4 if tied else 0)  # plus the tied weight's master (no update of its own)
+
+    def upcast(n):  # grad.float() of the parameter being updated (none when gradients are kept in fp32)
+        return n * 4 if gb != 4 else 0
+
+    hid = window * H * cb  # one copy of the window's hidden states (forward) or of their gradients (backward)
+    one = T * H * cb  # one micro-batch's hidden state
+    shared = V * H * 4 if tied else 0  # the head's fp32 gradient of a tied weight, kept until the embedding block
+    inputs = window * (8 + 8 + 2 * 128 * cb)  # ids, shifted labels, rotary cos/sin (head_dim <= 128) per token
+    # autograd's saved tensors of one decoder layer per token (recompute with grad, compute dtype, no autocast):
+    # two RMSNorms (fp32 input, normalised output, rsqrt), the inputs of q/k/v and of gate/up, q, k, v and the
+    # attention output plus the fp32 log-sum-exp (fused SDPA; heads of >= 64), gate, act(gate), up, their product
+    acts_attn = (4 * H + cb * H + 4) + cb * H + 4 * cb * H + 4 * H // 64
+    acts_mlp = (4 * H + cb * H + 4) + cb * H + 4 * cb * I
+    # backward temporaries: the gradients of both factors of the gated product and of the residual stream
+    # (MLP); the gradients of q, k, v (fp32 accumulation of dq) and of the attention output (attention)
+    ws_mlp = 2 * cb * I + cb * H
+    ws_attn = 3 * cb * H + 4 * H + 2 * cb * H
+
+    phases: dict[str, dict[str, float]] = {}
+    # forward, block k's deferred update on arrival (_load -> _materialize): the previous block's weights (the
+    # name W still holds them), block k's fp32 masters, states and stored gradients, its compute-dtype copy, the
+    # upcast gradient of one parameter, the window's hidden states (none yet for the embedding)
+    phases["forward update (embedding)"] = {
+        "weights": cast(emb), "update_staging": fetch(emb) + upcast(V * H), "inputs": inputs}
+    phases["forward update (layer)"] = {
+        "weights": max(lay, emb) * cb + cast(lay), "update_staging": fetch(lay) + upcast(mat),
+        "hidden_states": hid, "inputs": inputs}
+    phases["forward update (head)"] = {
+        "weights": lay * cb + cast(head_w), "update_staging": head_fetch + upcast(H if tied else V * H),
+        "hidden_states": hid, "inputs": inputs}
+    # forward, block k computing every micro-batch, block k+1's update inputs in flight: the old carry and the
+    # new one being built (two copies of the window's hidden states), one micro-batch's no-grad temporaries
+    phases["forward"] = {
+        "weights": lay * cb, "transfer_buffers": max(fetch(lay), head_fetch),
+        "hidden_states": 2 * hid, "activations": T * (2 * H + 3 * I) * cb, "inputs": inputs,
     }
-    # backward: the block in use and the next one (fp32 in flight, then cast), fp32 gradient sums, the window's
-    # output gradients and one stashed input, one micro-batch's activations for recompute + backward
-    backward = {
-        "weights": int(big * (2 * cb + 4)),
-        "gradients": int(big * (4 + cb)),
-        "hidden_states": int(window * H * cb + 2 * T * H * cb),
-        "activations": int(T * (16 * H + 6 * I) * cb),
+    # LM head: its weights and fp32 gradient sums, the last layer's masters prefetched for backward, per
+    # micro-batch the final norm's saved tensors, its output, dy and dx; per chunk of tokens the fp32 logits,
+    # their log-softmax and two gradients of that size, or (later in the chunk) the logits' gradient in the
+    # compute dtype and the head weight's gradient
+    phases["head"] = {
+        "weights": head_w * cb, "transfer_buffers": lay * 4, "gradients": head_w * 4,
+        "hidden_states": hid + T * H * (4 + 4 * cb),
+        "logits": max(16 * C * V, C * V * (4 + cb) + V * H * cb), "inputs": inputs,
     }
-    head = {"logits": int(min(loss_chunk_tokens, T) * vocab_size * (4 + cb) * 2),
-            "weights": int(block_params[-1] * (2 * cb + 4)), "hidden_states": int(2 * window * H * cb)}
-    phases = {"forward": forward, "backward": backward, "head": head}
-    peak_phase = max(phases, key=lambda k: sum(phases[k].values()))
-    gpu = dict(phases[peak_phase])
-    gpu["framework"] = int(0.25 * GiB)
+    # backward of decoder layer k, micro-batch i: its weights, block k-1's fp32 masters prefetched, the fp32
+    # gradient sums (from the second micro-batch on), the window's output gradients, the stashed input h and
+    # the recomputed output; at the start of its backward all saved activations + the MLP temporaries + the
+    # first weight gradient; at the end of autograd.grad all its weight gradients (compute dtype) + dh
+    base = {"weights": lay * cb, "transfer_buffers": max(lay, emb) * 4, "hidden_states": hid + 2 * one,
+            "gradients": shared, "inputs": inputs}
+    accs = lay * 4 if B > 1 else 0
+    starts = {
+        "mlp": {"activations": T * (acts_attn + acts_mlp + ws_mlp), "gradients": accs + H * I * cb},
+        "attention": {"activations": T * (acts_attn + ws_attn), "gradients": accs + (3 * H * I + H * H) * cb},
+        "end": {"hidden_states": one, "gradients": lay * 4 + lay * cb},
+    }
+    for name, extra in starts.items():
+        ph = dict(base)
+        for k, v in extra.items():
+            ph[k] = ph.get(k, 0) + v
+        phases[f"backward ({name})"] = ph
+    # loading block k in backward: block k+1's weights and fp32 gradient sums are still referenced
+    phases["backward load"] = {
+        "weights": max(lay * cb, head_w * cb) + cast(max(lay, emb)),
+        "gradients": max(lay * 4, head_w * 4) + shared, "transfer_buffers": max(lay, emb) * 4,
+        "hidden_states": hid, "inputs": inputs,
+    }
+    # the embedding's backward: its weights, fp32 gradient sums (a tied weight's include the head's), the dense
+    # gradient of one micro-batch (compute dtype), the embedding output
+    phases["embedding backward"] = {
+        "weights": emb * cb, "gradients": emb * 4 + V * H * cb, "hidden_states": hid + one, "inputs": inputs,
+        "activations": T * H * 4,  # the CUDA kernel's fp32 partial sums per index segment (at most one per token)
+    }
+    totals = {k: sum(v.values()) for k, v in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    gpu: dict[str, int] = {}
+    for k, v in phases[peak_phase].items():  # per-token inputs are reported with the hidden states
+        key = "hidden_states" if k == "inputs" else k
+        gpu[key] = gpu.get(key, 0) + int(v)
+    gpu = {k: v for k, v in gpu.items() if v}
+    gpu["framework"] = int(64 * 2**20)  # cuBLAS workspaces (allocated through the caching allocator)
+    # host: pinned fp32 masters (the model's own parameters when they are already fp32), states, and the stash:
+    # slot k holds block k's outputs during a window (k < N), then block k's gradients until the update
+    n_layers = len(layers)
+    slots = [max(window * H * cb if k < n_layers else 0, n * gb) for k, n in enumerate(block_params)]
+    stash = n_layers * window * H * cb
     host = {
-        "master_weights": 0 if masters_exist else int(P * 4),
-        "optimizer_states": int(P * state_b),
-        "activation_stash": int(len(layers) * window * H * cb),
-        "gradients": int(block_params[-1] * cb + max(0, block_params[0] * cb - window * H * cb)),
+        "master_weights": 0 if masters_exist else int(sum(block_params) * 4),
+        "optimizer_states": int(sum(block_params) * sb),
+        "activation_stash": int(stash),
+        "gradients": int(sum(slots) - stash),
     }
     return {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
-            "gpu_peak_phase": peak_phase, "gpu_phases": {k: sum(v.values()) for k, v in phases.items()}}
+            "gpu_peak_phase": peak_phase,
+            "gpu_phases": {k: int(v + gpu["framework"]) for k, v in totals.items()}}
