@@ -4,6 +4,7 @@ would run it."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from tests.test_plugins import BROKEN_AT_IMPORT, first_party_entry_points, make_
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "hf-lowmem"
+VERSION = importlib.metadata.version("hf-lowmem")
 
 
 def sh(args, env=None, timeout=120, cwd=None):
@@ -37,7 +39,7 @@ def test_import_loads_no_plugin_no_torch_no_transformers():
         "print(heavy, hf_lowmem.__version__, 'hf_lowmem.plugins' in sys.modules)"
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["[]", "0.1.0", "False"]
+    assert r.stdout.split() == ["[]", VERSION, "False"]
 
 
 def test_importing_the_trainer_initialises_no_cuda_and_loads_no_plugin():
@@ -79,7 +81,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 def test_version_and_unknown_command():
     r = sh([str(BIN), "--version"])
-    assert r.returncode == 0 and r.stdout.strip() == "hf-lowmem 0.1.0"
+    assert r.returncode == 0 and r.stdout.strip() == f"hf-lowmem {VERSION}"
     r = sh([str(BIN), "bogus"])
     assert r.returncode == 2 and "invalid choice: 'bogus'" in r.stderr
 
@@ -96,7 +98,7 @@ def test_plugins_lists_every_first_party_plugin():
     assert set(host.registry.names()) <= set(rows)
     for info in host.registry:
         kind, name, dist, version, deps = rows[info.name][:5]
-        assert (kind, dist, version) == (info.kind, "hf-lowmem", "0.1.0")
+        assert (kind, dist, version) == (info.kind, "hf-lowmem", VERSION)
         assert deps in ("ok", "missing"), rows[info.name]
     assert "adamw" in rows and "FAILED TO LOAD" not in r.stdout
 
@@ -175,12 +177,19 @@ def test_demo_short_run(tmp_path):
 
 @pytest.mark.slow
 def test_demo_default_run_shows_the_loss_falling(tmp_path):
-    """The README's main command, as stated (300 steps; ~1-2 minutes on 2 cores)."""
-    r = sh([str(BIN), "demo", "--json", "--cpu", "--output-dir", str(tmp_path)], timeout=300)
+    """The README's main command, as stated (300 steps), within the issue's budget of 3 minutes on a
+    2-core CPU. Wall time depends on what else the machine runs: the CPU time is in the message."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = sh([str(BIN), "demo", "--json", "--cpu", "--output-dir", str(tmp_path)], timeout=900)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["last_logged_loss"] < 0.7 * s["first_logged_loss"]
-    assert s["seconds"] < 180
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    assert s["seconds"] < 180, f"demo training took {s['seconds']} s of wall time ({cpu:.0f} s of CPU time)"
 
 
 # ---- README and CI agree ----------------------------------------------------------------------------------------
