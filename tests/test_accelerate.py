@@ -2,7 +2,8 @@
 
 DDP on 2 processes with micro-batch b must give the losses of one process with micro-batch 2b: the
 2 ranks see the two halves of the same batch and their gradients are averaged. Checked with the
-Trainer's own optimizer and with optimizer plugins that declare DDP, and for FSDP2 as well.
+Trainer's own optimizer and with optimizer plugins that declare DDP (galore layer-wise: test_ddp.py).
+The FSDP2 config is launched too; on the CPU accelerate runs it as multi-CPU DDP (FSDP needs GPUs).
 
 Note on the launcher: in accelerate 1.x, ``accelerate launch --cpu --num_processes 2`` starts ONE process
 (the simple launcher; multi-CPU needs mpirun). The configs in examples/accelerate/ (MULTI_GPU, FSDP) start
