@@ -1637,15 +1637,11 @@ def host_memory_bytes() -> int:
     """Total RAM of this machine (or its cgroup limit, when lower)."""
     import psutil
 
+    from hf_lowmem.engine.device import cgroup_memory_limit
+
     total = psutil.virtual_memory().total
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = open(path).read().strip()
-            if raw != "max" and int(raw) < total:
-                total = int(raw)
-        except (OSError, ValueError):
-            pass
-    return int(total)
+    limit = cgroup_memory_limit()
+    return int(min(total, limit) if limit is not None else total)
 
 
 def plan_for_args(args: Any, model_or_config: Any, *, host: Any = None, seq_len: int | None = None,

@@ -34,6 +34,18 @@ class _NullStream:
         return None
 
 
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1), or ``None`` when there is none."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = open(path).read().strip()
+            if raw != "max" and int(raw) < 2**60:
+                return int(raw)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
 def _unregister_all(registered: dict) -> None:
     try:
         cudart = torch.cuda.cudart()

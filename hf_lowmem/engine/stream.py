@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from hf_lowmem.engine.anatomy import Anatomy, Block, find_anatomy
-from hf_lowmem.engine.device import Device
+from hf_lowmem.engine.device import Device, cgroup_memory_limit
 from hf_lowmem.engine.optim import StreamAdamW, clip_coefficient
 from hf_lowmem.engine.stream_options import GiB, StreamOptions, parse_bytes
 from hf_lowmem.errors import MemoryBudgetError, PluginError
@@ -605,17 +605,13 @@ class StreamEngine:
 
 
 def _available_host_bytes() -> int:
+    """RAM the OS reports available now, capped by what the cgroup limit leaves this process."""
     import psutil
 
     avail = psutil.virtual_memory().available
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = open(path).read().strip()
-            if raw != "max" and int(raw) < 2**60:
-                used = psutil.Process().memory_info().rss
-                avail = min(avail, int(raw) - used)
-        except (OSError, ValueError):
-            pass
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        avail = min(avail, limit - psutil.Process().memory_info().rss)
     return avail
 
 
