@@ -588,17 +588,30 @@ def test_layerwise_ddp_matches_a_single_process(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_galore_adamw8bit_on_gpu_trains_and_layerwise_matches(tmp_path):
-    kw = dict(ga=2, steps=8, bs=4, n=16, use_cpu=False, max_grad_norm=1.0,
-              options={"min_8bit_size": 64, "update_proj_gap": 4}, snap=True)
-    ref, snap_ref = _run(tmp_path / "ref", "galore-adamw8bit", **kw)
-    lw, snap_lw = _run(tmp_path / "lw", "galore-adamw8bit-layerwise", **kw)
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.3])  # update inside the hook / deferred to step()
+def test_galore_adamw8bit_on_gpu_trains_and_layerwise_matches(tmp_path, max_grad_norm):
+    """galore-torch's 8-bit AdamW (CUDA only), normal and layer-wise with accumulation and active clipping
+    (the deferred low-rank step through galore-torch's data swap). Projectors from step 0 only, as in
+    test_layerwise_clipping_in_the_trainer; 8-bit state quantization can turn rounding differences into
+    one quantization step, hence the tolerance relative to how far training moved the parameters."""
     import galore_torch
 
+    kw = dict(ga=2, steps=8, bs=4, n=16, use_cpu=False, max_grad_norm=max_grad_norm, snap=True,
+              options={"min_8bit_size": 64, "update_proj_gap": 1000})
+    ref, snap_ref = _run(tmp_path / "ref", "galore-adamw8bit", **kw)
+    lw, snap_lw = _run(tmp_path / "lw", "galore-adamw8bit-layerwise", **kw)
     assert type(_inner(ref)) is galore_torch.GaLoreAdamW8bit
+    assert {type(o) for o in _inner(lw).inner.values()} == {galore_torch.GaLoreAdamW8bit}
     p = ref.model.model.layers[0].mlp.down_proj.weight
-    assert _inner(ref).state[p]["state1"].dtype == torch.uint8  # the low-rank state really is 8-bit
+    assert p.is_cuda and _inner(ref).state[p]["state1"].dtype == torch.uint8  # the low-rank state is 8-bit
+    assert _inner(ref).state[p]["state1"].shape == (8, 64)
+    norms = [h["grad_norm"] for h in ref.state.log_history if "loss" in h]
+    if max_grad_norm:
+        assert min(norms) > max_grad_norm, norms  # clipping active
     losses = logged_losses(ref)
-    assert losses[-1] < losses[0]
+    assert sum(losses[-2:]) < sum(losses[:2])
     assert logged_losses(lw) == pytest.approx(losses, rel=1e-3)
-    assert _close(snap_ref.params[-1].cpu(), snap_lw.params[-1].cpu(), rtol=1e-3, atol=1e-5)
+    start = torch.cat([q.detach().flatten() for q in tiny_model().parameters()]).cuda()
+    moved = float((snap_ref.params[-1] - start).norm())
+    off = float((snap_lw.params[-1] - snap_ref.params[-1]).norm())
+    assert off < 0.02 * moved, f"layer-wise is {off:.2e} from the normal run, which moved {moved:.2e}"
