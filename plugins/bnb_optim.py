@@ -16,6 +16,10 @@ not through bitsandbytes' process-wide manager) and ``betas``. bitsandbytes 0.49
 block-wise, no longer offer percentile clipping, and fix LAMB's ``max_unorm`` at 1.0, so those are not
 options here; use the Trainer's ``max_grad_norm`` for clipping.
 
+A caution on ``bnb-lamb8bit``: in bitsandbytes 0.49-0.50 the "lamb" update dispatches to the Adam kernels
+(``backends/cuda/ops.py`` and ``backends/cpu/ops.py``), and 8-bit block-wise states take no ``max_unorm``
+cap, so it behaves as 8-bit AdamW, without LAMB's per-layer trust ratio.
+
 On CPU (bitsandbytes 0.50.2) every one of these runs, through bitsandbytes' CPU kernels (slowly: ~22 M
 params/s measured on a 2-core machine); the paged variants fall back to ordinary CPU tensors there (paging
 is a CUDA feature; bitsandbytes warns once).
