@@ -457,7 +457,6 @@ class StreamEngine:
         else:
             scales = [1.0 / (float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
         n_layers = self.anat.num_layers
-        es = torch.empty((), dtype=self.compute_dtype).element_size()
 
         # 1. forward, block-major
         with torch.no_grad():
@@ -467,7 +466,7 @@ class StreamEngine:
             with self.dev.segment("forward"):
                 carry = [self._embed(W, mb) for mb in mbs]
             for k in range(1, n_layers + 1):
-                self._stash(k - 1, carry, mbs, es)
+                self._stash(k - 1, carry, mbs)
                 W = self._load(k)
                 self._prefetch(k + 1)
                 with self.dev.segment("forward"):
@@ -493,7 +492,7 @@ class StreamEngine:
             accs = self._new_accs(k)
             names = list(leaves)
             for i, mb in enumerate(mbs):
-                h = self._unstash(k - 1, mb, es).requires_grad_(True)
+                h = self._unstash(k - 1, mb).requires_grad_(True)
                 with self.dev.segment("backward"), torch.enable_grad():
                     out = self._layer(k, leaves, h, mb)
                     grads = torch.autograd.grad(out, [h] + [leaves[n] for n in names], carry[i])
@@ -586,7 +585,7 @@ class StreamEngine:
             self._slot_write_ev[k] = self.dev.to_host(g.to(self.grad_dtype), dst, after=after)
         return sumsq
 
-    def _stash(self, k: int, carry: list[torch.Tensor], mbs: list[_MicroBatch], es: int) -> None:
+    def _stash(self, k: int, carry: list[torch.Tensor], mbs: list[_MicroBatch]) -> None:
         """Copy block ``k``'s outputs (the next block's inputs) for every micro-batch into slot ``k``."""
         slot = self._slots[k].view(self.compute_dtype)
         after = self._slot_read_ev.get(k)  # the pending update read this slot's gradients
@@ -594,7 +593,7 @@ class StreamEngine:
             dst = slot[mb.offset: mb.offset + h.numel()].view(h.shape)
             self._slot_write_ev[k] = self.dev.to_host(h, dst, after=after)
 
-    def _unstash(self, k: int, mb: _MicroBatch, es: int) -> torch.Tensor:
+    def _unstash(self, k: int, mb: _MicroBatch) -> torch.Tensor:
         slot = self._slots[k].view(self.compute_dtype)
         n = mb.tokens * self.hidden_size
         src = slot[mb.offset: mb.offset + n].view(*mb.ids.shape, self.hidden_size)
