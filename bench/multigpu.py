@@ -2,8 +2,10 @@
 Llama-shaped model, under DDP, FSDP2 and DeepSpeed ZeRO, launched with ``accelerate launch`` and the
 configs in ``examples/accelerate/``.
 
-NOT YET RUN ON GPUs: no machine with several GPUs was lent in the session that wrote this, so there
-are no committed results yet. It was checked end to end on the CPU with ``--smoke`` (gloo, tiny model).
+Run on 2 H200s (2026-11-29): ``bench/results/multigpu-1b.{json,md}`` (1B: DDP, FSDP2, ZeRO-2, ZeRO-3 on
+1 and 2 GPUs) and ``bench/results/multigpu-1b-galore-layerwise.{json,md}`` (GaLore 8-bit layer-wise +
+checkpointing under DDP); the commands are in the files. Larger machines and 7B: not run yet.
+It is also checked end to end on the CPU with ``--smoke`` (gloo, tiny model).
 
     # on a machine with N GPUs (the full sweep; ~30-40 min on 8 x H200):
     python bench/multigpu.py --model 7b --modes ddp,fsdp2,zero2,zero3 --gpus 1,2,4,8 \
@@ -119,7 +121,8 @@ def worker(a: argparse.Namespace) -> None:
     else:  # DeepSpeed ZeRO-3 partitions at construction (zero.Init) when the arguments enable it
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     build_s = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters())
+    # under ZeRO-3 each parameter is a partitioned placeholder: its full size is ds_numel
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):

@@ -265,6 +265,8 @@ def run_row(row: dict, smoke: bool, workdir: str, timeout: int) -> tuple[dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script end to end)")
     p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")

@@ -186,6 +186,8 @@ def _write(path: str | None, command: str, smoke: bool, rows: list[dict]) -> Non
 
 
 def main() -> None:
+    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="ceiling:32,stream:32",
                    help="MODE:LAYERS[:GRAD_ACCUM],... run in this order (default accumulation: --ga)")

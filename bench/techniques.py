@@ -5,14 +5,15 @@
     python bench/techniques.py --list                                       # the runs, in the order they run
 
 Model: Llama-2-7B-shaped layers (hidden 4096, intermediate 11008, 32 heads, vocab 32000), **8 decoder
-layers by default** (``--layers``; full 7B does not fit a plain Trainer next to its AdamW states and
-activations without the streaming engine), bf16 weights (``bf16=True``), random init, random tokens,
+layers by default** (``--layers``; so that every run fits one H200 — eager attention needs 2x the plain
+run's memory, fp32 optimizer states more — and the whole set fits a GPU session), bf16 weights (``bf16=True``), random init, random tokens,
 seq 2048, micro-batch 4 (8,192 tokens per step), SDPA attention unless a run says otherwise.
 
 Each run is a subprocess (its own CUDA context and peak-memory counters). Per run: peak GPU memory
 allocated / reserved over training (model, gradients, optimizer states, activations), the median step time
 after ``--warmup`` steps, tokens/s from it, and ``ratio_vs_plain`` = tokens/s over the plain Trainer's in
-the same invocation. Runs go in priority order under a wall-clock budget (``--budget-s``, default 470 s, so
+the same invocation. One GPU: the parent sets ``CUDA_VISIBLE_DEVICES=0`` unless it is set (with several
+GPUs visible the Trainer would use ``torch.nn.DataParallel``). Runs go in priority order under a wall-clock budget (``--budget-s``, default 470 s, so
 the whole command, setup included, stays under 9 minutes); a run that does not fit is recorded as skipped. The JSON is
 rewritten after every run, so a killed command still leaves its rows.
 
@@ -270,6 +271,35 @@ def summarize(rows):
     return checks
 
 
+def markdown(paths: list[str]) -> str:
+    """One table from one or more result files (each with its own plain-Trainer row, measured in its run)."""
+    out = []
+    for path in paths:
+        with open(path) as f:
+            d = json.load(f)
+        m = d["meta"]
+        out += [f"Command: `{m['command']}` ({m['env'].get('device')}, torch {m['env'].get('torch')}, "
+                f"transformers {m['env'].get('transformers')}; {m['wall_s']:.0f} s). {m['model']}; seq {m['seq']}, "
+                f"micro-batch {m['micro_batch']}, {m['warmup_steps']} warm-up + {m['measured_steps']}+ measured steps.", "",
+                "| run | status | peak GPU allocated GiB | vs plain | tokens/s | vs plain | step s (median) |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in d["rows"]:
+            if r["name"].startswith("check:"):
+                continue
+            if r.get("status") != "ok":
+                why = (r.get("error") or "").splitlines()[-1:] or [""]
+                out.append(f"| {r['name']} | {r.get('status')}: {why[0][:160]} | | | | | |")
+                continue
+            out.append(f"| {r['name']} | ok | {r['peak_gpu_allocated_gib']:.2f} | {r.get('memory_vs_plain') or 0:.3f} | "
+                       f"{r['tokens_per_s']:,.0f} | {r.get('ratio_vs_plain') or 0:.3f} | {r['step_s_median']:.4f} |")
+        for c in (r for r in d["rows"] if r["name"].startswith("check:")):
+            out.append(f"\n{c['name']}: {c['step_s_offload']:.4f} s vs {c['step_s_reference']:.4f} s per step, "
+                       f"**{c['overhead_pct']:+.2f}%** (limit {c['limit_pct']:.0f}%): {'PASS' if c['passed'] else 'FAIL'}; "
+                       f"peak GPU allocated {c['gpu_allocated_saved_gib']:+.2f} GiB saved.")
+        out.append("")
+    return "\n".join(out)
+
+
 def environment():
     info = {}
     try:
@@ -284,6 +314,8 @@ def environment():
 
 
 def main(argv=None):
+    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/techniques.json")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; smoke 2)")
@@ -296,6 +328,7 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="comma-separated run names (plain is always added)")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script only")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--markdown", nargs="+", metavar="JSON", help="print a Markdown table of result files and exit")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--tmp", default="/tmp/hf-lowmem-bench", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -303,6 +336,9 @@ def main(argv=None):
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.markdown:
+        print(markdown(a.markdown))
+        return 0
     if a.list:
         for name, spec in RUNS.items():
             print(f"{name:48s} {json.dumps(spec)}")
@@ -323,7 +359,8 @@ def main(argv=None):
         command=" ".join(["python", "bench/techniques.py"] + [shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:])]),
         model=("tiny Llama (smoke test: says nothing of speed)" if a.smoke else
                f"Llama-2-7B-shaped layers (hidden 4096, intermediate 11008, 32 heads, vocab 32000), {a.layers} of 32 "
-               "decoder layers (full 7B does not fit a plain Trainer without the streaming engine), bf16, random init"),
+               "decoder layers (so that every run fits one H200: eager attention takes 2x the plain run's memory, fp32 "
+               "optimizer states more; and to fit the GPU time), bf16, random init"),
         data="random tokens", seq=a.seq, micro_batch=a.mb, warmup_steps=a.warmup, measured_steps=a.steps,
         env=environment(),
     )

@@ -14,8 +14,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def distributed_mode(args: Any = None) -> str:
-    """``single``, ``ddp``, ``fsdp`` or ``deepspeed``, from the arguments and what ``accelerate launch`` /
-    ``torchrun`` put in the environment. Pure function of those, so every rank decides the same."""
+    """``single``, ``dp``, ``ddp``, ``fsdp`` or ``deepspeed``, from the arguments and what ``accelerate launch``
+    / ``torchrun`` put in the environment. Pure function of those, so every rank decides the same.
+
+    ``dp`` is a plain ``python script.py`` on a machine where the process sees several GPUs: the Trainer
+    then wraps the model in ``torch.nn.DataParallel`` (``args.n_gpu > 1``), one thread per GPU."""
     env = os.environ
     if (args is not None and getattr(args, "deepspeed", None)) or _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
         return "deepspeed"
@@ -23,7 +26,15 @@ def distributed_mode(args: Any = None) -> str:
         return "fsdp"
     if int(env.get("WORLD_SIZE", "1") or 1) > 1:
         return "ddp"
+    if args is not None and (getattr(args, "n_gpu", 1) or 1) > 1:  # TrainingArguments computed it already
+        return "dp"
     return "single"
+
+
+#: what to do when a plugin refuses torch.nn.DataParallel (one process, several GPUs)
+DP_HINT = ("This process sees several GPUs, so the Trainer would run torch.nn.DataParallel over them. Launch one "
+           "process per GPU instead (`accelerate launch --multi_gpu script.py` or `torchrun`), or use one GPU "
+           "(`CUDA_VISIBLE_DEVICES=0 python script.py`).")
 
 
 def _truthy(v: str | None) -> bool:
@@ -76,7 +87,7 @@ def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_opt
         if mode not in a.modes:
             raise PluginError(
                 f"plugin {a.name!r} does not support {mode} runs (it supports: {', '.join(a.modes)}). "
-                "Choose another plugin or launch without that mode."
+                + (DP_HINT if mode == "dp" else "Choose another plugin or launch without that mode.")
             )
     return sel
 

@@ -12,7 +12,7 @@ from hf_lowmem.errors import MissingExtraError, PluginError
 
 KINDS = ("optimizer", "quantization", "attention", "offload")
 #: distributed modes a plugin can declare support for (see :attr:`PluginInfo.modes`)
-MODES = ("single", "ddp", "fsdp", "deepspeed")
+MODES = ("single", "dp", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class PluginInfo:
     :param requires: importable module names the plugin needs (checked by importing them).
     :param extra: the ``hf-lowmem[extra]`` that installs ``requires``.
     :param options: a dataclass type; the user's per-plugin options are validated against its fields.
-    :param modes: distributed modes it supports (``single``, ``ddp``, ``fsdp``, ``deepspeed``).
+    :param modes: distributed modes it supports (``single``, ``dp`` [one process, ``torch.nn.DataParallel``],
+        ``ddp``, ``fsdp``, ``deepspeed``).
     :param incompatible: other plugin names (or kinds) mapped to the reason they cannot be combined.
     :param lossless: whether results equal plain training (offload, checkpointing) or not (8-bit, low rank).
     :param needs_cuda: whether it only runs on a CUDA GPU.

@@ -82,6 +82,8 @@ class ActivationOffloadOptions:
 def hf_lowmem_register(register):
     register(PluginInfo(
         name=NAME, kind="offload", options=ActivationOffloadOptions, lossless=True,
+        # not "dp": DataParallel runs each replica's forward in its own thread, outside the hooks' thread
+        modes=("single", "ddp", "fsdp", "deepspeed"),
         incompatible={"stream": "the weight-streaming engine schedules activations itself"},
         help="saved activations to pinned CPU memory (side-stream copies, prefetched for backward) or to disk",
     ))

@@ -66,7 +66,7 @@ def test_every_plugin_is_held_to_its_declared_modes_identically_on_every_rank(cl
         # built in single mode: TrainingArguments would otherwise join a real process group right here
         args = LowMemTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
                                        **{f"lowmem_{info.kind}": value})
-        for mode in MODES:
+        for mode in MODE_ENV:  # "dp" is one process: test_dataparallel_is_refused_with_the_way_out below
             verdicts = rank_verdicts(args, mode, clean_env)
             assert verdicts[0] == verdicts[1], (info.name, mode, verdicts)
             if mode in info.modes:
@@ -140,3 +140,32 @@ def test_galore_layerwise_under_ddp_equals_one_process(tmp_path):
     dist = ddp_matches_single(tmp_path, "ddp.yaml", ["--optimizer", name, "--options", opts])
     assert dist["mode"] == "ddp" and dist["plugins"] == [name]
     assert dist["seconds"] < 90
+
+
+def test_dataparallel_is_refused_with_the_way_out(clean_env, tmp_path):
+    """A plain ``python script.py`` that sees several GPUs makes the Trainer use torch.nn.DataParallel
+    (``args.n_gpu > 1``). Seen on a 2-GPU machine: GaLore layer-wise failed mid-run with "Expected all
+    tensors to be on the same device" and bnb-int8 with "'Tensor' object has no attribute 'CB'". Plugins
+    that do not declare "dp" are now refused before training, saying how to launch instead."""
+    from hf_lowmem.context import DP_HINT, distributed_mode
+
+    host = plugins_mod.load_plugins()
+    dp_refused = sorted(i.name for i in host.registry if "dp" not in i.modes)
+    for name in ("galore-adamw8bit-layerwise", "bnb-int8", "int8-weights", "stream", "activation-offload"):
+        assert name in dp_refused, name
+    assert "adamw" not in dp_refused and "gradient-checkpointing" not in dp_refused
+    for name in ("galore-adamw-layerwise", "adamw"):
+        info = host.registry[name]
+        value = [name] if info.kind == "offload" else name
+        args = LowMemTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                       **{f"lowmem_{info.kind}": value})
+        assert distributed_mode(args) == "single"
+        args._n_gpu = 2  # what TrainingArguments computes for one process that sees 2 GPUs
+        assert distributed_mode(args) == "dp"
+        if name == "adamw":
+            assert args.lowmem_selection(host) is not None
+            continue
+        with pytest.raises(PluginError) as e:
+            args.lowmem_selection(host)
+        assert str(e.value) == (f"plugin {name!r} does not support dp runs (it supports: single, ddp). " + DP_HINT)
+        assert "CUDA_VISIBLE_DEVICES=0" in str(e.value) and "accelerate launch" in str(e.value)
