@@ -278,6 +278,39 @@ def test_offload_refuses_a_saved_tensor_changed_in_place():
             w.backward()
 
 
+def test_pending_copies_are_capped():
+    """GPU tensors wait for their device-to-host copy before they are released. Above max_pending_bytes the
+    forward waits for the oldest copies, so a forward faster than PCIe cannot keep every activation on the
+    GPU (seen on an H200: offloading all saved tensors lowered the peak by only 4%). The release logic,
+    with stand-in events: the oldest copies are waited for, only as many as needed, in order."""
+    from hf_lowmem_plugins.activation_offload import ActivationOffloadOptions, ActivationOffloader
+
+    class Event:
+        def __init__(self, log, i):
+            self.log, self.i = log, i
+
+        def query(self):
+            return False  # no copy has finished on its own
+
+        def synchronize(self):
+            self.log.append(self.i)
+
+    log = []
+    off = ActivationOffloader(max_pending_bytes=3 * 400)
+    for i in range(5):  # five 400-byte tensors (100 fp32 values)
+        off._pending.append((Event(log, i), torch.zeros(100)))
+        off._pending_bytes += 400
+    off._reap(block=False)
+    assert log == [] and off._pending_bytes == 2000
+    off._reap(block=False, down_to=off.max_pending_bytes)
+    assert log == [0, 1] and off._pending_bytes == 1200 and len(off._pending) == 3
+    off._reap(block=True)
+    assert log == [0, 1, 2, 3, 4] and off._pending_bytes == 0 and not off._pending
+    assert ActivationOffloadOptions().max_pending_bytes == 1 << 30
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        ActivationOffloadOptions(max_pending_bytes=-1)
+
+
 @pytest.mark.gpu
 def test_offload_on_gpu_lossless_and_lower_peak(tmp_path):
     """On CUDA: same losses as checkpointing alone, and a lower peak with the checkpoint inputs offloaded.
