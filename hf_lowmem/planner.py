@@ -615,6 +615,7 @@ class _Step:
     clip_ws: float = 0.0
     offload_acts: bool = False  # saved activations go to host memory
     offload_window: float = 0.0  # bytes of offloaded tensors on the GPU at a time (in flight / prefetched)
+    offload_pending: float = 0.0  # in forward, at most this many bytes of GPU tensors wait for their copy out
     overhead: float = 0.0  # allocated framework memory (cuBLAS workspaces)
     transfer: float = 0.0
     host: dict[str, float] = field(default_factory=dict)
@@ -764,6 +765,8 @@ def _m_activation_offload(inp: PlanInput, st: _Step, name: str) -> None:
     # on the GPU at a time: the layer being computed plus what backward prefetches, plus the forward's newest
     # tensors, which are never offloaded (keep_bytes, default prefetch_bytes: 128 + 128 MiB by default)
     st.offload_window = prefetch + (prefetch if keep is None else float(keep))
+    # a forward can produce activations faster than PCIe copies them out: they wait on the GPU, up to the cap
+    st.offload_pending = float(inp.option(name, "max_pending_bytes", 1 << 30)) or float("inf")
     stored = sum(c if r else a for a, c, r in zip(st.acts, st.ckpt, st.recompute))
     if target == "cpu":
         st.host["activations offloaded (pinned)"] = stored
@@ -1020,19 +1023,26 @@ def _replay(st: _Step, setup: TrainSetup) -> tuple[int, dict[str, float], str]:
     def resident(a: float) -> float:  # saved activations on the GPU (offloading keeps a window there)
         return min(a, st.offload_window) if st.offload_acts else a
 
+    def in_forward(a: float, fast: float) -> float:
+        """Saved activations on the GPU during forward: the resident ones, plus copies out not finished yet.
+        Those pile up (to the cap) only where layers save faster than PCIe drains: ``fast``, the bytes saved
+        by layers that are not checkpointed (a checkpointed layer saves one hidden state per layer's compute)."""
+        return resident(a) + (min(max(fast - st.offload_window, 0.0), st.offload_pending) if st.offload_acts else 0.0)
+
     G = setup.grad_accum
     for first in ([True, False] if G > 1 else [True]):
         label = "first micro-batch" if first else "later micro-batch"
         frees = st.grad_free_per_param and (G == 1 or not first)  # layer-wise updates on the window's last one
         Gd = 0.0 if first else G_total
-        A = cache = 0.0
+        A = cache = fast = 0.0
         for i in range(L):  # forward
-            cand(f"forward, layer {i} ({label})", gradients=Gd, activations=resident(A),
+            cand(f"forward, layer {i} ({label})", gradients=Gd, activations=in_forward(A, fast),
                  temporaries=st.fwd_ws[i], weights=cache + st.cache[i])
             A += stored(i)
+            fast += 0.0 if st.recompute[i] else stored(i)
             cache += st.cache[i]  # autocast keeps every cast weight until the forward's autocast region ends
         cache += st.head_cache
-        cand(f"loss forward ({label})", gradients=Gd, activations=resident(A) + st.head_acts,
+        cand(f"loss forward ({label})", gradients=Gd, activations=in_forward(A, fast) + st.head_acts,
              logits=st.logits_fwd, weights=cache)
         # backward runs outside autocast: only the casts that autograd saved are still alive
         cache = st.head_cache + sum(c for c, r in zip(st.cache, st.recompute) if not r)
