@@ -32,6 +32,13 @@ through ``state["projector"]``, pre-populated so galore-torch never creates its 
   ``proj_method`` (``svd``, exact as in galore-torch, or ``randomized``).
 
 ``stagger=False, proj_method="svd", init_proj_method="svd"`` reproduces galore-torch's own projector.
+
+Measured on an H200 (``bench/results/techniques.md``, 8 Llama-2-7B layers = 56 matrices, 8-bit layer-wise,
+seq 2048 x 4): the first step, with randomized initial projectors, took 1.46 s against 0.63 s for a plain
+Trainer's first step; a later step that carried one exact SVD refresh (``proj_method="svd"``) took 1.30 s
+against a 0.26 s median. Staggering spreads refreshes but does not make them cheaper: a full 7B (224
+matrices, gap 200) averages ~1.1 exact refreshes per step, so prefer ``proj_method="randomized"`` there
+(its effect on quality is not measured yet; the SmolLM2 quality run used the exact refresh).
 ``python -m hf_lowmem_plugins.galore`` measures SVD against the randomized finder on this machine.
 
 **Layer-wise updates** (``*-layerwise``). Each trainable parameter gets its own inner optimizer, stepped
