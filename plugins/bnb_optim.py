@@ -84,6 +84,9 @@ def hf_lowmem_register(register):
             options=BnbOptions, lossless=False,
             # every variant runs on CPU with bitsandbytes >= 0.48 (the paged ones without paging)
             needs_cuda=False,
+            # not FSDP2: its parameters are DTensors, which bitsandbytes' 8-bit kernels do not take (state
+            # buffers sized for the global tensor; illegal memory access: bitsandbytes issue #1633, open)
+            modes=("single", "dp", "ddp", "deepspeed"),
         ))
 
 
