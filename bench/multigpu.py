@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import random_tokens, step_timer
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "accelerate"
 MODE_CONFIG = {
@@ -95,7 +97,7 @@ def worker(a: argparse.Namespace) -> None:
     import resource
 
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hf_lowmem import LowMemTrainer, LowMemTrainingArguments
 
@@ -124,31 +126,9 @@ def worker(a: argparse.Namespace) -> None:
     # under ZeRO-3 each parameter is a partitioned placeholder: its full size is ds_numel
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 10**6
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, config.vocab_size, (a.seq_len,), generator=g)
-            return {"input_ids": ids, "labels": ids.clone()}
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self._t = [], None
-
-        def on_step_begin(self, *args_, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self._t = time.perf_counter()
-
-        def on_step_end(self, *args_, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self._t)
-
-    timer = StepTimer()
-    trainer = LowMemTrainer(model=model, args=args, train_dataset=Data(), callbacks=[timer])
+    timer = step_timer(cuda)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=random_tokens(config.vocab_size, a.seq_len, n=10**6),
+                            callbacks=[timer])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

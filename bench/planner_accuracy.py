@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import one_gpu, random_tokens
+
 GiB = 2**30
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -134,16 +136,6 @@ def child(spec: dict) -> dict:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     seq, mb, ga = _seq(spec, smoke), _mb(spec, smoke), spec["ga"]
-    vocab = cfg.vocab_size
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 10_000
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, vocab, (seq,), generator=g)
-            return {"input_ids": ids, "labels": ids.clone()}
 
     args = LowMemTrainingArguments(
         output_dir=os.path.join(spec["workdir"], spec["id"]), max_steps=3, per_device_train_batch_size=mb,
@@ -186,7 +178,8 @@ def child(spec: dict) -> dict:
                     peak = max(peak, cur)
                 probe["peak"] = probe["baseline"] + peak
 
-    trainer = LowMemTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[LastStepOnCpu()])
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=random_tokens(cfg.vocab_size, seq, n=10_000),
+                            callbacks=[LastStepOnCpu()])
     seen_dtype = _watch_compute_dtype(model)
     build_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -265,8 +258,7 @@ def run_row(row: dict, smoke: bool, workdir: str, timeout: int) -> tuple[dict | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    one_gpu()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script end to end)")
     p.add_argument("--rows", default=None, help="comma-separated row ids (default: all)")

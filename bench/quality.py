@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import one_gpu
+
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "adamw"
 LOSSY_PCT = 2.0
@@ -172,8 +174,7 @@ def markdown(results: dict, baseline: str) -> str:
 
 
 def main(argv=None) -> int:
-    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    one_gpu()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny run for a CPU check: 3 steps, seq 128, batch 2")
     ap.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated (default {DEFAULT_RECIPES})")

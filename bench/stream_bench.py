@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import one_gpu, random_tokens, step_timer
+
 GiB = 2**30
 
 
@@ -77,31 +79,14 @@ def worker(a) -> dict:
         torch.cuda.set_per_process_memory_fraction(a.cap_gib * GiB / total)
     cfg = llama_config(a.layers, a.smoke)
 
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 100_000
+    class SteadyProfile(TrainerCallback):
+        """The engine's profile counts only the steady steps: what the first step recorded is dropped."""
 
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            ids = torch.randint(0, cfg.vocab_size, (a.seq,), generator=g)
-            return {"input_ids": ids, "labels": ids.clone()}
-
-    class Timer(TrainerCallback):
-        """Optimizer-step wall times; the engine's profile counts only the steady steps after the first."""
-
-        def __init__(self):
-            self.times, self.t0, self.engine = [], None, None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
+        def __init__(self, engine):
+            self.engine = engine
 
         def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-            if self.engine is not None and len(self.times) == 1 and self.engine.dev.profile is not None:
+            if state.global_step == 1 and self.engine.dev.profile is not None:
                 self.engine.profile_totals()
                 self.engine.dev.profile.totals.clear()
 
@@ -109,13 +94,14 @@ def worker(a) -> dict:
               max_steps=a.steps, learning_rate=1e-5, bf16=cuda, logging_steps=1, save_strategy="no", report_to=[],
               dataloader_num_workers=2 if cuda else 0, disable_tqdm=True, use_cpu=not cuda, max_grad_norm=1.0)
     t0 = time.perf_counter()
-    timer = Timer()
+    timer = step_timer(cuda)
+    tokens = random_tokens(cfg.vocab_size, a.seq)
     engine = None
     if a.mode == "ceiling":
         kw.update(optim="adamw_torch_fused" if cuda else "adamw_torch")
         with torch.device("cuda" if cuda else "cpu"):
             model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32)
-        trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=Tokens(), callbacks=[timer])
+        trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=tokens, callbacks=[timer])
     elif a.mode == "stream":
         from hf_lowmem import LowMemTrainer, LowMemTrainingArguments
 
@@ -125,9 +111,9 @@ def worker(a) -> dict:
         # RAM available than it has until it is used
         args = LowMemTrainingArguments(**kw, lowmem_offload=["stream"], lowmem_options={"stream": opts},
                                        lowmem_host_memory=f"{a.host_gib}GiB", lowmem_telemetry=False)
-        trainer = LowMemTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[timer])
+        trainer = LowMemTrainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])
         engine = trainer.lowmem_engine
-        timer.engine = engine
+        trainer.add_callback(SteadyProfile(engine))
     elif a.mode == "ds_z3_offload":
         ds = {"bf16": {"enabled": True},
               "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
@@ -141,7 +127,7 @@ def worker(a) -> dict:
         kw.update(deepspeed=ds, gradient_checkpointing=True)
         args = TrainingArguments(**kw)  # before the model, so zero.Init partitions it at construction
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
-        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[timer])
+        trainer = Trainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])
     else:
         raise SystemExit(f"unknown mode {a.mode}")
     build_s = time.perf_counter() - t0
@@ -186,8 +172,7 @@ def _write(path: str | None, command: str, smoke: bool, rows: list[dict]) -> Non
 
 
 def main() -> None:
-    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    one_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="ceiling:32,stream:32",
                    help="MODE:LAYERS[:GRAD_ACCUM],... run in this order (default accumulation: --ga)")

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import one_gpu, random_tokens, step_timer
+
 GiB = 2**30
 ROW_MARK = "BENCH_ROW "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,24 +120,9 @@ def add_lora(model, r: int):
                     setattr(parent, name, LoRA(child))
 
 
-class Tokens:
-    def __init__(self, vocab, seq, n=100_000):
-        self.vocab, self.seq, self.n = vocab, seq, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        import torch
-
-        g = torch.Generator().manual_seed(i)
-        ids = torch.randint(0, self.vocab, (self.seq,), generator=g)
-        return {"input_ids": ids, "labels": ids.clone()}
-
-
 def child(a):
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     spec = RUNS[a.child]
     cuda = torch.cuda.is_available() and not a.smoke
@@ -145,21 +132,8 @@ def child(a):
     row["params"] = sum(p.numel() for p in model.parameters())
     row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter() - self.t0)
-
-    timer = Timer()
+    timer = step_timer(cuda)
+    tokens = random_tokens(vocab, a.seq)
     steps = a.steps + (0 if a.smoke else spec.get("extra_steps", 0))
     base = dict(output_dir=os.path.join(a.tmp, a.child), per_device_train_batch_size=a.mb, max_steps=a.warmup + steps,
                 learning_rate=1e-5, bf16=cuda, logging_steps=1, save_strategy="no", report_to="none",
@@ -167,7 +141,7 @@ def child(a):
                 optim="adamw_torch_fused" if cuda else "adamw_torch")
     if spec.get("trainer") == "plain":
         args = TrainingArguments(**base)
-        trainer = Trainer(model=model, args=args, train_dataset=Tokens(vocab, a.seq), callbacks=[timer])
+        trainer = Trainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])
     else:
         from hf_lowmem import LowMemTrainer, LowMemTrainingArguments
 
@@ -178,7 +152,7 @@ def child(a):
                                        lowmem_quantization=spec.get("quantization"),
                                        lowmem_attention=spec.get("attention"), lowmem_offload=spec.get("offload"),
                                        lowmem_options=opts or None, lowmem_telemetry=False)
-        trainer = LowMemTrainer(model=model, args=args, train_dataset=Tokens(vocab, a.seq), callbacks=[timer])
+        trainer = LowMemTrainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])
         row["plugins"] = trainer.lowmem_ctx.selection.names()
     if cuda:
         torch.cuda.synchronize()
@@ -314,8 +288,7 @@ def environment():
 
 
 def main(argv=None):
-    # one-GPU benchmark: with several GPUs visible the Trainer would use torch.nn.DataParallel over all of them
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    one_gpu()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/techniques.json")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 8; smoke 2)")
