@@ -37,6 +37,19 @@ DP_HINT = ("This process sees several GPUs, so the Trainer would run torch.nn.Da
            "(`CUDA_VISIBLE_DEVICES=0 python script.py`).")
 
 
+def mixed_precision_dtype(args: Any):
+    """The dtype the Trainer's mixed precision computes in for these arguments (``bf16=True``:
+    ``torch.bfloat16``, ``fp16=True``: ``torch.float16``), or ``None`` for full precision. Plugins that
+    run model code outside ``model.forward`` (which accelerate wraps in ``torch.autocast``) use it."""
+    import torch
+
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    if getattr(args, "fp16", False):
+        return torch.float16
+    return None
+
+
 def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes")
 

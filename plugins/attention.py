@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 from hf_lowmem import hookimpl
+from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import MissingExtraError, PluginError
 from hf_lowmem.registry import PluginInfo
 
@@ -84,10 +85,9 @@ def attn_implementation(model) -> str | None:
 def _compute_dtype(ctx, model):
     import torch
 
-    if getattr(ctx.args, "bf16", False):
-        return torch.bfloat16
-    if getattr(ctx.args, "fp16", False):
-        return torch.float16
+    dtype = mixed_precision_dtype(ctx.args)
+    if dtype is not None:
+        return dtype
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype

@@ -39,7 +39,7 @@ trust ratio on the quantized tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hf_lowmem import hookimpl
 from hf_lowmem.registry import PluginInfo

@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass, field
 
 from hf_lowmem import hookimpl
+from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import PluginError
 from hf_lowmem.registry import PluginInfo
 
@@ -299,14 +300,7 @@ def hf_lowmem_prepare_model(ctx, model, stage):
     opts = ctx.options(name) or _default_options(name)
     root = _unwrap(model)
     check_trainable(root, name)
-    import torch
-
-    compute = None
-    if getattr(ctx.args, "bf16", False):
-        compute = torch.bfloat16
-    elif getattr(ctx.args, "fp16", False):
-        compute = torch.float16
-    converted = convert_model(root, name, opts, compute, _training_device(ctx, root))
+    converted = convert_model(root, name, opts, mixed_precision_dtype(ctx.args), _training_device(ctx, root))
     if not converted:
         raise PluginError(f"{name}: no frozen nn.Linear to quantize (skip_modules={opts.skip_modules}). Freeze the "
                           "base weights (peft does) or drop the quantization plugin.")

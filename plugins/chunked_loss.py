@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hf_lowmem import hookimpl
+from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import PluginError
 from hf_lowmem.registry import PluginInfo
 
@@ -198,18 +199,6 @@ def _autocast_region(device_type: str, dtype):
     if dtype is None or torch.is_autocast_enabled(device_type):
         return _null()
     return torch.autocast(device_type, dtype=dtype)
-
-
-def mixed_precision_dtype(args):
-    """The autocast dtype the Trainer runs the model's forward under for these arguments (``bf16=True``:
-    ``torch.bfloat16``, ``fp16=True``: ``torch.float16``), or ``None`` for full precision."""
-    import torch
-
-    if getattr(args, "bf16", False):
-        return torch.bfloat16
-    if getattr(args, "fp16", False):
-        return torch.float16
-    return None
 
 
 def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024, autocast_dtype=None):

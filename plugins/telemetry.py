@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 from hf_lowmem import hookimpl
+from hf_lowmem.context import mixed_precision_dtype
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -176,8 +177,7 @@ class TelemetryMixin:
         if self.cuda:
             self.device = torch.device(dev)
             self.device_name = torch.cuda.get_device_name(self.device)
-            fp32 = not (getattr(args, "bf16", False) or getattr(args, "fp16", False))
-            self.peak_tflops = device_peak_tflops(self.device_name, fp32=fp32)
+            self.peak_tflops = device_peak_tflops(self.device_name, fp32=mixed_precision_dtype(args) is None)
         self.world = max(1, int(getattr(args, "world_size", 1) or 1))
         if model is not None:
             try:
