@@ -290,9 +290,8 @@ class GaLoreProjector:
         return self.proj_type
 
     def refresh(self, g) -> None:
-        method = self.init_method if self.basis is None else self.method
-        if method == "randomized" and 2 * (min(self.rank, *g.shape) + self.oversample) > min(g.shape):
-            method = "svd"  # what top_singular_vectors does: a sketch this wide saves nothing
+        method = effective_method(self.init_method if self.basis is None else self.method, self.rank, g.shape,
+                                  self.oversample)
         self.side = self._side_for(g.shape)
         u, vh = top_singular_vectors(g, self.rank, method, want=self.side, oversample=self.oversample,
                                      power_iters=self.power_iters, seed=(self.seed, self.index, self.t))
@@ -303,6 +302,14 @@ class GaLoreProjector:
         else:
             self.basis, self.basis2 = u.to(g.dtype), vh.to(g.dtype)
         self.refreshes.append((self.t, method))
+
+
+def effective_method(method: str, rank: int, shape, oversample: int) -> str:
+    """The method :func:`top_singular_vectors` really uses: ``randomized`` falls back to the exact ``svd``
+    when its sketch (``min(rank, m, n) + oversample`` columns) is wider than half the matrix's smaller side,
+    where sketching saves nothing."""
+    m, n = shape
+    return "svd" if method == "svd" or 2 * (min(rank, m, n) + oversample) > min(m, n) else method
 
 
 def top_singular_vectors(g, rank: int, method: str, want: str = "full", oversample: int = 8, power_iters: int = 2,
@@ -323,7 +330,7 @@ def top_singular_vectors(g, rank: int, method: str, want: str = "full", oversamp
     m, n = a.shape
     r = min(rank, m, n)
     k = r + oversample
-    if method == "svd" or 2 * k > min(m, n):
+    if effective_method(method, rank, (m, n), oversample) == "svd":
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
         return u[:, :r], vh[:r]
     gen = torch.Generator(device=a.device)
