@@ -136,7 +136,6 @@ class TelemetryMixin:
         self.flops_per_token = 0
         self.t0 = self.boundary = time.perf_counter()
         self.interval_time = self.train_time = 0.0
-        self.interval_steps = 0
         self.flos_at_log = self.flos_at_begin = 0.0
 
     def _now(self) -> float:
@@ -196,7 +195,6 @@ class TelemetryMixin:
         self.boundary = now
         self.interval_time += dt
         self.train_time += dt
-        self.interval_steps += 1
         if len(self.samples) < 100_000:
             self.samples.append({"step": state.global_step, "time": now - self.t0, "rss": host_rss(), **self._gpu()})
 
@@ -206,6 +204,10 @@ class TelemetryMixin:
     on_evaluate = _pause
     on_save = _pause
     on_predict = _pause
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation of every process together, at this throughput (needs ``peak_tflops``)."""
+        return _sig(tokens_per_s * self.flops_per_token / (self.peak_tflops * 1e12 * self.world))
 
     def metrics(self, state) -> dict[str, float]:
         """The telemetry keys for a log over the steps since the previous one."""
@@ -221,7 +223,7 @@ class TelemetryMixin:
             tps = tokens / self.interval_time
             out[PREFIX + "tokens_per_s"] = round(tps, 1)
             if self.peak_tflops:
-                out[PREFIX + "mfu"] = _sig(tps * self.flops_per_token / (self.peak_tflops * 1e12 * self.world))
+                out[PREFIX + "mfu"] = self._mfu(tps)
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -239,7 +241,6 @@ class TelemetryMixin:
             self.points.append({"step": state.global_step, "time": self._now() - self.t0, **new})
         self.flos_at_log = float(state.total_flos or 0.0)
         self.interval_time = 0.0
-        self.interval_steps = 0
 
     def on_train_end(self, args, state, control, **kwargs):
         self.summary = self._summary(args, state)
@@ -269,8 +270,7 @@ class TelemetryMixin:
             "gpu_peak_reserved_gib": _sig(g["peak_reserved"] / GiB) if g else None,
             "host_peak_rss_gib": _sig(host_peak_rss() / GiB),
         }
-        s["mfu"] = (_sig(s["tokens_per_s"] * self.flops_per_token / (self.peak_tflops * 1e12 * self.world))
-                    if s["tokens_per_s"] and self.peak_tflops else None)
+        s["mfu"] = self._mfu(s["tokens_per_s"]) if s["tokens_per_s"] and self.peak_tflops else None
         if self.cuda:
             import torch
 
