@@ -100,10 +100,15 @@ def fmt_size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
+def gib_up(nbytes: float) -> float:
+    """``nbytes`` in GiB, rounded up to 0.1 (a budget that is at least ``nbytes``)."""
+    return math.ceil(nbytes / GiB * 10 - 1e-9) / 10
+
+
 def size_arg(nbytes: float) -> str:
     """A budget argument at least ``nbytes``: GiB rounded up to 0.1, or MiB for less than 1 GiB."""
     if nbytes >= GiB:
-        return f"{math.ceil(nbytes / GiB * 10 - 1e-9) / 10:g}GiB"
+        return f"{gib_up(nbytes):g}GiB"
     return f"{max(1, math.ceil(nbytes / MiB))}MiB"
 
 
@@ -1355,7 +1360,7 @@ class Plan:
         """The smallest GPU budget any plan meets here, in GiB rounded up to 0.1."""
         if self.smallest is None:
             return None
-        return math.ceil(gib(self.smallest.estimate.gpu_total) * 10 - 1e-9) / 10
+        return gib_up(self.smallest.estimate.gpu_total)
 
     def rejected(self, limit: int | None = None, frontier: bool = True) -> list[Candidate]:
         """The alternatives at least as fast as the chosen plan, fastest first, with why each was not taken
