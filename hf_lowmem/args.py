@@ -43,10 +43,10 @@ class LowMemFields:
     )
     lowmem_gpu_memory: str | None = field(
         default=None,
-        metadata={"help": "GPU memory budget (e.g. 8GB). When set, the memory planner picks the plugins that fit."},
+        metadata={"help": "GPU memory budget (e.g. 8GiB). When set, the memory planner picks the plugins that fit."},
     )
     lowmem_host_memory: str | None = field(
-        default=None, metadata={"help": "Host RAM budget for the planner (e.g. 64GB). Default: what this machine has."}
+        default=None, metadata={"help": "Host RAM budget for the planner (e.g. 64GiB). Default: what this machine has."}
     )
     lowmem_telemetry: bool = field(
         default=True,

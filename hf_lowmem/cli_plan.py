@@ -1,6 +1,6 @@
 """``hf-lowmem plan``: will this model train in this much memory, and how?
 
-    hf-lowmem plan --model llama2-7b --gpu-memory 8GB --host-memory 64GB --seq-len 2048 --batch-size 4 --grad-accum 8
+    hf-lowmem plan --model llama2-7b --gpu-memory 8GiB --host-memory 64GiB --seq-len 2048 --batch-size 4 --grad-accum 8
 
 Reads the model's configuration only (a preset name, a ``config.json``, a model folder or a cached hub id;
 the model is built on the meta device, so no weight is loaded and no memory is allocated), estimates every
@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(preset_names())}), a config.json, a model folder or a cached hub id")
     p.add_argument("--gpu-memory", default=None,
-                   help="GPU memory budget, e.g. 8GB (GB = GiB). Default: this machine's GPU, if it has one")
-    p.add_argument("--host-memory", default=None, help="host RAM budget, e.g. 64GB. Default: this machine's RAM")
+                   help="GPU memory budget, e.g. 8GiB (GB = GiB). Default: this machine's GPU, if it has one")
+    p.add_argument("--host-memory", default=None, help="host RAM budget, e.g. 64GiB. Default: this machine's RAM")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (per_device_train_batch_size)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
@@ -69,7 +69,7 @@ def make_plan(a: argparse.Namespace):
         import torch
 
         if not torch.cuda.is_available():
-            raise PluginError("this machine has no CUDA GPU: give the budget to plan for, e.g. --gpu-memory 8GB")
+            raise PluginError("this machine has no CUDA GPU: give the budget to plan for, e.g. --gpu-memory 8GiB")
         a.gpu_memory = torch.cuda.get_device_properties(0).total_memory
     gpu = parse_size(a.gpu_memory, "--gpu-memory")
     host_b = parse_size(a.host_memory, "--host-memory") if a.host_memory else host_memory_bytes()

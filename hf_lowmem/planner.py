@@ -30,8 +30,8 @@ Three layers, each usable on its own:
    and host budgets; among plans within 5% of the fastest, lossless ones come first. It keeps the
    rejected alternatives with the reason, and the smallest budget that any plan meets.
 
-Sizes: ``"8GB"`` and ``"8GiB"`` both mean 8 x 2^30 bytes (what people mean by an "8 GB card"; the same
-convention as the ``stream`` engine's options). Every reported number is in GiB.
+Sizes are read by :func:`hf_lowmem.sizes.parse_size`: ``"8GiB"`` is 8 x 2^30 bytes, ``"8GB"`` 8 x 10^9, as
+written. Every reported number is in GiB.
 """
 
 from __future__ import annotations
@@ -60,28 +60,7 @@ GPU_COMPONENTS = ("weights", "gradients", "optimizer states", "activations", "lo
 # =====================================================================================================
 # sizes
 # =====================================================================================================
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNIT = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(value: Any, what: str = "memory size") -> int:
-    """``"8GB"``, ``"8 GiB"``, ``"512MB"``, ``"1.5T"`` or a number of bytes -> bytes.
-
-    ``GB`` and ``GiB`` both mean 2^30 (an "8 GB" GPU has 8 GiB). Raises :class:`PluginError` saying how
-    to write it for anything else."""
-    if isinstance(value, bool):
-        raise PluginError(f"{what}: expected a size like 8GB, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value <= 0:
-            raise PluginError(f"{what} must be positive, got {value!r}")
-        return int(value)
-    m = _SIZE.match(str(value))
-    if not m:
-        raise PluginError(f"{what}: cannot read {value!r} as a size; write it like 8GB, 7.5GiB, 512MB or 64G")
-    number, unit = float(m.group(1)), (m.group(2) or "b").lower()
-    if number <= 0:
-        raise PluginError(f"{what} must be positive, got {value!r}")
-    return int(number * _UNIT[unit[0]])
+from hf_lowmem.sizes import parse_size  # noqa: E402,F401  (re-exported: the one size parser)
 
 
 def gib(nbytes: float) -> float:

@@ -299,13 +299,13 @@ def test_hf_argument_parser_round_trip(host, tmp_path):
         "--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none",
         "--lowmem_optimizer", "widget-opt", "--lowmem_offload", "shelf-offload", "rack-offload",
         "--lowmem_options", '{"widget-opt": {"rank": 2}}', "--lowmem_telemetry", "false",
-        "--lowmem_gpu_memory", "8GB",
+        "--lowmem_gpu_memory", "8GiB",
     ])
     assert isinstance(args, LowMemTrainingArguments)
     assert args.lowmem_optimizer == "widget-opt"
     assert args.lowmem_offload == ["shelf-offload", "rack-offload"]
     assert args.lowmem_options == {"widget-opt": {"rank": 2}}
-    assert args.lowmem_telemetry is False and args.lowmem_gpu_memory == "8GB"
+    assert args.lowmem_telemetry is False and args.lowmem_gpu_memory == "8GiB"
     with pytest.raises(PluginError, match="unknown optimizer plugin 'nope'"):
         parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--use_cpu", "--lowmem_optimizer", "nope"])
 

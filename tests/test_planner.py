@@ -32,13 +32,19 @@ GiB = 2**30
 
 
 # ---- sizes and shapes -------------------------------------------------------------------------------
-def test_parse_size():
-    assert parse_size("8GB") == parse_size("8GiB") == parse_size("8 gb") == 8 * GiB
-    assert parse_size("512MB") == 512 * 2**20
+def test_parse_size_reads_units_as_written():
+    """GB is 10^9 and GiB 2^30, as accelerate reads them; a bare number is refused with the fix."""
+    assert parse_size("8GiB") == parse_size("8 gib") == parse_size("8G") == 8 * GiB
+    assert parse_size("8GB") == parse_size("8 gb") == 8 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
     assert parse_size("1.5T") == int(1.5 * 2**40)
-    assert parse_size(1234) == 1234
-    for bad in ("eight", "8 parsecs", "-1GB", "0"):
-        with pytest.raises(PluginError, match="8GB|positive"):
+    assert parse_size(8 * GiB) == 8 * GiB
+    with pytest.raises(PluginError, match="'8GiB'.*'8GB'"):
+        parse_size("8", "--gpu-memory")
+    with pytest.raises(PluginError, match="8 bytes.*'8GiB'"):
+        parse_size(8, "lowmem_gpu_memory")
+    for bad in ("eight", "8 parsecs", "-1GB", "0GB", "nan"):
+        with pytest.raises(PluginError, match="8GiB|positive"):
             parse_size(bad)
 
 
@@ -332,7 +338,7 @@ def host():
 def test_a_big_budget_gets_the_fastest_lossless_plan(host):
     shape = load_model_shape("smollm2-135m")
     setup = TrainSetup(micro_batch=4, seq_len=1024)
-    plan = plan_training(shape, setup, parse_size("80GB"), parse_size("64GB"), host=host, check_installed=False)
+    plan = plan_training(shape, setup, parse_size("80GiB"), parse_size("64GiB"), host=host, check_installed=False)
     assert plan.ok and plan.chosen.lossless
     assert not any("checkpointing" in n or n == "stream" for n in plan.chosen.inp.names())  # nothing to trade
     assert plan.chosen.estimate.speed > 0.95
@@ -341,11 +347,11 @@ def test_a_big_budget_gets_the_fastest_lossless_plan(host):
 def test_a_tight_budget_trades_speed_for_memory_and_fits(host):
     shape = load_model_shape("smollm2-135m")
     setup = TrainSetup(micro_batch=8, seq_len=2048)
-    roomy = plan_training(shape, setup, parse_size("80GB"), parse_size("64GB"), host=host, check_installed=False)
-    tight = plan_training(shape, setup, parse_size("6GB"), parse_size("64GB"), host=host, check_installed=False)
-    assert tight.ok and tight.chosen.estimate.gpu_total <= parse_size("6GB")
+    roomy = plan_training(shape, setup, parse_size("80GiB"), parse_size("64GiB"), host=host, check_installed=False)
+    tight = plan_training(shape, setup, parse_size("6GiB"), parse_size("64GiB"), host=host, check_installed=False)
+    assert tight.ok and tight.chosen.estimate.gpu_total <= parse_size("6GiB")
     assert tight.chosen.estimate.speed <= roomy.chosen.estimate.speed
-    assert roomy.chosen.estimate.gpu_total > parse_size("6GB")
+    assert roomy.chosen.estimate.gpu_total > parse_size("6GiB")
     # every faster alternative was rejected for a stated reason
     for c in tight.rejected():
         assert c.why_not(tight.gpu_budget, tight.host_budget)
@@ -356,7 +362,7 @@ def test_7b_in_8gb_needs_the_streaming_engine(host):
         pytest.skip("the stream plugin is not registered")
     shape = load_model_shape("llama2-7b")
     setup = TrainSetup(micro_batch=4, seq_len=2048, grad_accum=8)
-    plan = plan_training(shape, setup, parse_size("8GB"), parse_size("64GB"), host=host, check_installed=False)
+    plan = plan_training(shape, setup, parse_size("8GiB"), parse_size("64GiB"), host=host, check_installed=False)
     assert plan.ok and "stream" in plan.chosen.inp.names()
     e = plan.chosen.estimate
     assert e.gpu_total <= 8 * GiB and e.host_total <= 64 * GiB
@@ -366,13 +372,13 @@ def test_7b_in_8gb_needs_the_streaming_engine(host):
 def test_no_plan_fits_names_the_smallest_budget_and_that_budget_works(host):
     shape = load_model_shape("llama2-7b")
     setup = TrainSetup(micro_batch=4, seq_len=2048)
-    plan = plan_training(shape, setup, parse_size("2GB"), parse_size("64GB"), host=host, check_installed=False)
+    plan = plan_training(shape, setup, parse_size("2GiB"), parse_size("64GiB"), host=host, check_installed=False)
     assert not plan.ok
     err = plan.budget_error()
     assert isinstance(err, MemoryBudgetError) and "smallest budget that works" in str(err)
     need = planner.size_arg(plan.smallest.estimate.gpu_total)
     assert f'lowmem_gpu_memory="{need}"' in str(err)
-    again = plan_training(shape, setup, parse_size(need), parse_size("64GB"), host=host, check_installed=False)
+    again = plan_training(shape, setup, parse_size(need), parse_size("64GiB"), host=host, check_installed=False)
     assert again.ok
 
 
@@ -406,7 +412,7 @@ def test_a_plugin_can_bring_its_own_memory_model():
     inp = PlanInput(shape, setup, {"optimizer": ("zero-state-sgd",)})
     est = estimate_memory(inp, h)
     assert est.gpu.get("optimizer states") == 0 and "zero-state-sgd keeps no state" in est.notes
-    plan = plan_training(shape, setup, parse_size("80GB"), parse_size("64GB"), host=h, check_installed=False)
+    plan = plan_training(shape, setup, parse_size("80GiB"), parse_size("64GiB"), host=h, check_installed=False)
     names = {n for c in plan.candidates for n in c.inp.names()}
     assert "zero-state-sgd" in names and "mystery-opt" not in names  # no memory model: never planned
     unknown = estimate_memory(PlanInput(shape, setup, {"optimizer": ("mystery-opt",)}), h)
@@ -424,7 +430,7 @@ def test_lowmem_gpu_memory_selects_the_plan_and_training_runs(tmp_path):
     plain = estimate_memory(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
     # a budget below the plain run's need: the planner must add memory savers
     budget = int(plain.gpu_peak_allocated * 0.85)
-    args = train_args(tmp_path, lowmem_gpu_memory=str(budget), lowmem_host_memory="64GB")
+    args = train_args(tmp_path, lowmem_gpu_memory=f"{budget}B", lowmem_host_memory="64GiB")
     trainer = LowMemTrainer(model=model, args=args, train_dataset=RandomTokens(seq=16))
     chosen = trainer.lowmem_ctx.selection.names()
     assert chosen and chosen != ["adamw"], chosen
@@ -440,7 +446,7 @@ def test_an_impossible_budget_fails_before_any_plugin_touches_the_model(tmp_path
 
     touched = []
     monkeypatch.setattr(PluginHost, "prepare_model", lambda self, **kw: touched.append(1) or kw["model"])
-    args = train_args(tmp_path, lowmem_gpu_memory="2KB", lowmem_host_memory="64GB", lowmem_optimizer="adamw")
+    args = train_args(tmp_path, lowmem_gpu_memory="2KB", lowmem_host_memory="64GiB", lowmem_optimizer="adamw")
     with pytest.raises(MemoryBudgetError, match=r"smallest budget that works is .*lowmem_gpu_memory=") as e:
         LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens(seq=16))
     assert "with your selection" in str(e.value) and not touched
@@ -465,7 +471,7 @@ def test_train_cli_refuses_before_loading_weights(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli_train.run_argv(["--model", str(tmp_path / "m" / "config.json"), "--data", str(tmp_path / "data.txt"),
                             "--output_dir", str(tmp_path / "out"), "--block_size", "32", "--use_cpu", "--report_to",
-                            "none", "--lowmem_gpu_memory", "1KB", "--lowmem_host_memory", "8GB"])
+                            "none", "--lowmem_gpu_memory", "1KB", "--lowmem_host_memory", "8GiB"])
     assert "smallest budget that works" in str(e.value.code)
 
 
@@ -478,7 +484,7 @@ def _cli(capsys, *argv):
 
 
 def test_plan_cli_table_and_json(tmp_path, capsys):
-    code, out, err = _cli(capsys, "--model", "llama2-7b", "--gpu-memory", "8GB", "--host-memory", "64GB", "--seq-len",
+    code, out, err = _cli(capsys, "--model", "llama2-7b", "--gpu-memory", "8GiB", "--host-memory", "64GiB", "--seq-len",
                           "2048", "--batch-size", "4", "--grad-accum", "8", "--assume-installed")
     assert code == 0, err
     for word in ("PLAN:", "weights", "optimizer states", "activations", "framework overhead", "CUDA context",
@@ -486,12 +492,12 @@ def test_plan_cli_table_and_json(tmp_path, capsys):
         assert word in out, word
     tiny_cfg = tmp_path / "config.json"
     tiny_config("llama").to_json_file(tiny_cfg)
-    code, out, err = _cli(capsys, "--model", str(tiny_cfg), "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
+    code, out, err = _cli(capsys, "--model", str(tiny_cfg), "--gpu-memory", "1GiB", "--host-memory", "8GiB", "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["chosen"]["fits"] and data["chosen"]["gpu_total_gib"] <= 1.0
     assert set(data["chosen"]["gpu_gib"]) >= {"weights", "optimizer states", "activations"}
-    code, out, err = _cli(capsys, "--model", "llama2-13b", "--gpu-memory", "1GB", "--host-memory", "8GB", "--json")
+    code, out, err = _cli(capsys, "--model", "llama2-13b", "--gpu-memory", "1GiB", "--host-memory", "8GiB", "--json")
     assert code == 2 and "smallest" in json.loads(out)["error"]
-    code, out, err = _cli(capsys, "--model", "no-such-preset", "--gpu-memory", "1GB")
+    code, out, err = _cli(capsys, "--model", "no-such-preset", "--gpu-memory", "1GiB")
     assert code == 1 and "preset" in err

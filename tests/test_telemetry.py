@@ -163,7 +163,7 @@ def test_plot_without_matplotlib_fails_at_construction(tmp_path, monkeypatch):
 
 
 def test_summary_compares_with_the_plan(tmp_path, capsys):
-    trainer, _ = _run(tmp_path, lowmem_gpu_memory="1GB", lowmem_host_memory="64GB")
+    trainer, _ = _run(tmp_path, lowmem_gpu_memory="1GiB", lowmem_host_memory="64GiB")
     summary = trainer.lowmem_ctx.state["telemetry"]
     assert summary["planned"]["plugins"] and summary["planned"]["gpu_peak_alloc_gib"] > 0
     assert "planner (" in capsys.readouterr().out

@@ -36,15 +36,10 @@ class StreamOptions:
             raise ValueError("loss_chunk_tokens must be >= 1")
 
 
-def parse_bytes(text: str | int | float | None) -> int | None:
-    """``"8GB"`` / ``"8GiB"`` / ``"512MB"`` / a number of bytes -> bytes (GB is read as GiB, as people mean it)."""
+def parse_bytes(text: str | int | float | None, what: str = "size") -> int | None:
+    """A size option (``"8GiB"``, ``"8GB"`` = 10^9 bytes) in bytes, or ``None`` when unset; see :mod:`hf_lowmem.sizes`."""
     if text is None:
         return None
-    if isinstance(text, (int, float)):
-        return int(text)
-    s = str(text).strip().upper().replace(" ", "")
-    for unit, mult in (("TIB", 2**40), ("TB", 2**40), ("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", 2**20),
-                       ("MB", 2**20), ("M", 2**20), ("KIB", 1024), ("KB", 1024), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(float(s))
+    from hf_lowmem.sizes import parse_size
+
+    return parse_size(text, what)
