@@ -27,3 +27,8 @@ class MissingExtraError(LowMemError, ImportError):
 
 class MemoryBudgetError(LowMemError, MemoryError):
     """A memory budget that no available plan meets."""
+
+
+class CheckpointError(LowMemError, ValueError):
+    """A checkpoint that cannot be resumed as asked (incomplete, damaged, or saved with other plugins), or
+    one that could not be written."""

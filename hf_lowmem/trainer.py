@@ -6,6 +6,9 @@ Switching an existing script takes two lines::
 
 A plain ``TrainingArguments`` is accepted and upgraded. :class:`LowMemTrainerMixin` gives any Trainer
 subclass (e.g. TRL's ``SFTTrainer``) the same plugins: see :func:`lowmem_trainer_class`.
+
+Checkpoints are written atomically with a verified manifest (:mod:`hf_lowmem.checkpoint`), and SIGTERM /
+SIGINT stop the run at a step boundary with a checkpoint (:mod:`hf_lowmem.signals`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ class LowMemTrainerMixin:
             model = plugin_host.prepare_model(ctx=ctx, model=model)
         # 3. callbacks
         plugin_callbacks = plugin_host.callbacks(ctx=ctx)
-        callbacks = list(kwargs.pop("callbacks", None) or []) + plugin_callbacks
+        from hf_lowmem.signals import stop_on_signal_callback
+
+        self._lowmem_stopper = stop_on_signal_callback()
+        callbacks = list(kwargs.pop("callbacks", None) or []) + plugin_callbacks + [self._lowmem_stopper]
         super().__init__(model, args, *rest, callbacks=callbacks, **kwargs)
         # plugin callbacks run first, so keys they add to `logs` in on_log reach the report_to integrations
         handler = self.callback_handler
@@ -63,6 +69,43 @@ class LowMemTrainerMixin:
             self.lowmem_engine = engine
             self.accelerator.device_placement = False
 
+    # ---- training: resume checks, signals --------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, trial=None, *rest, **kwargs):
+        """The Trainer's ``train``, with the checks of :func:`hf_lowmem.checkpoint.prepare_resume` first
+        and SIGTERM/SIGINT turned into a stop at the next step boundary (:mod:`hf_lowmem.signals`)."""
+        from hf_lowmem import checkpoint, signals
+
+        resume_from_checkpoint = checkpoint.prepare_resume(self, resume_from_checkpoint, trial)
+        stopper = self._lowmem_stopper
+        self._lowmem_last_checkpoint = None
+        stopper.install()
+        try:
+            output = super().train(resume_from_checkpoint, trial, *rest, **kwargs)
+        except BaseException:
+            signals.run_cleanups()
+            raise
+        finally:
+            stopper.restore()
+        if stopper.received:
+            stopper.finish(self)
+        return output
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_lowmem_staging", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        from hf_lowmem.checkpoint import save_atomically
+
+        save_atomically(self, model, trial, super()._save_checkpoint)
+
+    def _save_rng_state(self, output_dir):
+        from hf_lowmem.checkpoint import save_rng
+
+        super()._save_rng_state(output_dir)
+        save_rng(self.lowmem_ctx, output_dir, self.args.process_index, self.args.world_size)
+
     # ---- placement --------------------------------------------------------------------------------
     def _move_model_to_device(self, model, device):
         if getattr(self, "_lowmem_wants_engine", False):
@@ -74,9 +117,9 @@ class LowMemTrainerMixin:
         if self.optimizer is None:
             if self.lowmem_engine is not None:
                 self.optimizer = self.lowmem_engine.optimizer
-            else:
+            elif self.lowmem_ctx.selected("optimizer"):
                 opt_model = self.model if model is None else model
-                self.optimizer = self.lowmem_ctx.host.create_optimizer(ctx=self.lowmem_ctx, model=opt_model, trainer=self)
+                self.optimizer = _selected_plugin_optimizer(self.lowmem_ctx, opt_model, self)
         if self.optimizer is None:
             return super().create_optimizer(model)
         return self.optimizer
@@ -134,6 +177,21 @@ class LowMemTrainerMixin:
         state_dict = dict(state_dict)
         self.lowmem_ctx.host.before_save(ctx=self.lowmem_ctx, model=self.model, state_dict=state_dict)
         return super()._save(output_dir, state_dict=state_dict)
+
+
+def _selected_plugin_optimizer(ctx, model, trainer):
+    """Ask only the plugin module that registered the selected optimizer (a third-party module whose
+    ``hf_lowmem_create_optimizer`` ignores the selection cannot replace it), and refuse a ``None``."""
+    name = ctx.selected("optimizer")
+    owner = ctx.host.registry.owner(name)
+    pm = ctx.host.pm
+    others = [p for p in pm.get_plugins() if pm.get_name(p) != owner]
+    optimizer = pm.subset_hook_caller("hf_lowmem_create_optimizer", remove_plugins=others)(
+        ctx=ctx, model=model, trainer=trainer)
+    if optimizer is None:
+        raise PluginError(f"optimizer plugin {name!r} (module {owner!r}) created no optimizer; its "
+                          "hf_lowmem_create_optimizer must return one when it is selected")
+    return optimizer
 
 
 class LowMemTrainer(LowMemTrainerMixin, Trainer):
