@@ -47,7 +47,10 @@ Validation runs the artifact as loaded back from disk against the PyTorch model 
 (``SAMPLE_SHAPES``, one of them left-padded) and fails unless the largest logit difference, over the
 positions the attention mask keeps, is within ``tolerance`` (default: a dtype-dependent fraction of the
 largest logit). Any failure raises :class:`ExportError` and leaves nothing at ``OUT``: everything is
-written to a temporary folder beside it and moved into place only at the end.
+written to a temporary folder beside it and moved into place only at the end; a full disk is one line
+naming the free space, and temporary folders that a killed export left are removed by the next export
+to the same ``OUT``. ``overwrite=True`` replaces only an earlier export (a folder whose report lists
+every file in it): a folder holding anything else, such as a training run's checkpoints, is refused.
 """
 
 from __future__ import annotations
@@ -166,6 +169,31 @@ def _check_output(out: Path, sources: list[Path], overwrite: bool) -> None:
         if any(out.iterdir()) and not overwrite:
             raise ExportError(f"the output folder {str(out)!r} exists and is not empty; choose another --output, "
                               "or pass --overwrite (overwrite=True) to replace it")
+        foreign = _not_an_export(out)
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise ExportError(f"the output folder {str(out)!r} holds files that no export wrote ({shown}); --overwrite "
+                              f"replaces only an earlier export, so choose another --output (e.g. {str(out / 'export')!r})")
+
+
+def _not_an_export(out: Path) -> list[str]:
+    """The entries of ``out`` that an earlier export did not write (all of them when it has no report)."""
+    entries = sorted(p.name for p in out.iterdir())
+    try:
+        written = set(json.loads((out / REPORT_NAME).read_text()).get("files") or [])
+    except (OSError, ValueError, AttributeError):
+        written = set()
+    return [name for name in entries if name not in written]
+
+
+def _write_failure(exc: BaseException, out: Path, fmt: str) -> ExportError | None:
+    """A one-line :class:`ExportError` for a failed write (full disk, file-size limit, I/O error)."""
+    from hf_lowmem.checkpoint import describe_write_error
+
+    text = describe_write_error(exc, out.parent)
+    if not (isinstance(exc, OSError) or "disk holding" in text or "file-size limit" in text):
+        return None
+    return ExportError(f"writing the {fmt} export to {str(out)!r} failed: {text}. Nothing was left at {str(out)!r}")
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -249,9 +277,13 @@ def export_model(
     load_seconds = time.perf_counter() - t0
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    from hf_lowmem.signals import OWNER_FILE, remove_stale, write_owner
+
+    remove_stale(out.parent, f".{out.name}.partial-")  # left by an export that was killed
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        write_owner(tmp, "hf-lowmem export in progress")
         state: dict[str, Any] = {"checks": [], "worst": None, "bound": None, "seconds": 0.0}
         reference_name = "PyTorch (the materialized model, same precision)"
         ref_run, cmp_dtype = _reference_runner(model), dt
@@ -292,6 +324,7 @@ def export_model(
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
         copy_side_files(m, tmp)
+        (tmp / OWNER_FILE).unlink()
         artifact_files = [p for p in tmp.iterdir() if p.is_file() and (
             p.suffix == ".safetensors" or p.name.startswith(("model.onnx", "model.pt")))]
         result = ExportResult(
@@ -305,8 +338,11 @@ def export_model(
         )
         (tmp / REPORT_NAME).write_text(json.dumps({"source": m.source, **result.to_dict()}, indent=2) + "\n")
         _place(tmp, out)
-    except BaseException:
+    except BaseException as e:
+        failure = _write_failure(e, out, format) if isinstance(e, Exception) and not isinstance(e, ExportError) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from e
         raise
     logger.info("hf-lowmem export: %s", result.summary())
     return result

@@ -87,6 +87,30 @@ class ExportResult:
         return "\n".join(lines)
 
 
+class GuardedFile:
+    """A binary file for torch's zip writers (``torch.jit.save``, ``torch.export.save``). Given a path, those
+    abort the process (SIGABRT) when the disk fills: the writer's C++ destructor writes the end of the zip,
+    fails again and throws. Given this object, the first failed write raises ``OSError`` and later writes
+    are dropped, so the destructor finishes quietly."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            return len(data)
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        if self.error is None:
+            self._f.flush()
+
+
 def short_error(exc: BaseException, limit: int = 600) -> str:
     """The first meaningful lines of an exception, without terminal colours."""
     text = _ANSI.sub("", f"{type(exc).__name__}: {exc}").strip()

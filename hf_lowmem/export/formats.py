@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from hf_lowmem.export._common import ARTIFACT, EXAMPLE_SHAPE, ExportError, short_error
+from hf_lowmem.export._common import ARTIFACT, EXAMPLE_SHAPE, ExportError, GuardedFile, short_error
 from hf_lowmem.export.source import quiet_transformers
 
 logger = logging.getLogger("hf_lowmem")
@@ -153,9 +153,10 @@ def write_torchscript(model, folder: Path) -> Written:
     try:
         with _quiet(), torch.no_grad():
             traced = torch.jit.trace(wrapper, (ids, mask), check_trace=False, strict=False)
-            torch.jit.save(traced, str(path))
     except Exception as e:
         raise ExportError(f"torch.jit.trace cannot trace {type(model).__name__}: {short_error(e)}") from e
+    with open(path, "wb") as f:  # not the path: torch.jit.save to a path aborts the process when the disk fills
+        torch.jit.save(traced, GuardedFile(f))
     loaded = torch.jit.load(str(path), map_location="cpu")
     loaded.eval()
     return Written(artifact=path.name, exporter=f"torch.jit.trace (torch {torch.__version__})", run=_no_grad_runner(loaded))
@@ -173,7 +174,8 @@ def write_exported_program(model, folder: Path) -> Written:
     except Exception as e:
         raise ExportError(f"torch.export cannot export {type(model).__name__} with dynamic batch and sequence: "
                           f"{short_error(e)}") from e
-    torch.export.save(program, str(path))
+    with open(path, "wb") as f:  # as for torch.jit.save: a full disk raises instead of aborting
+        torch.export.save(program, GuardedFile(f))
     loaded = torch.export.load(str(path)).module()
     return Written(artifact=path.name, exporter=f"torch.export (strict=False, torch {torch.__version__})",
                    run=_no_grad_runner(loaded))
@@ -252,6 +254,8 @@ def write_onnx(model, folder: Path, *, exporter: str = "auto", opset: int | None
             if check is not None:
                 check(run)
         except Exception as e:
+            if isinstance(e, OSError):  # a full disk is no reason to try another exporter
+                raise
             errors.append(f"{name} exporter: {short_error(e)}")
             logger.info("hf-lowmem export: ONNX %s exporter failed: %s", name, short_error(e))
             continue
