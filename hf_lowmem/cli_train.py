@@ -55,6 +55,10 @@ def run_argv(argv: list[str]) -> int:
         except MemoryBudgetError as e:
             raise SystemExit(f"hf-lowmem train: {e}") from None
     tokenize, tokenizer = tokenizer_for(margs.model if os.path.isdir(margs.model) else None)
+    from transformers import enable_full_determinism, set_seed
+
+    # seeded before the model is built, so that --seed fixes a fresh model's initial weights too
+    (enable_full_determinism if targs.full_determinism else set_seed)(targs.seed)
     model = build_model(margs.model, margs.dtype)
     if tokenizer is None and model.config.vocab_size < 256:
         raise SystemExit(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the byte tokenizer's 256;"

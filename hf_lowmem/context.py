@@ -76,7 +76,12 @@ def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_opt
         if kind != "offload" and len(names) > 1:
             raise PluginError(f"only one {kind} plugin can be selected, got {names}")
         for name in names:
-            info = reg.get(name, kind)
+            try:
+                info = reg.get(name, kind)
+            except PluginError as e:
+                if name in reg or not getattr(host, "blocked", None):
+                    raise
+                raise PluginError(f"{e} {_blocked_hint(host)}") from None
             sel.by_kind[kind].append(info.name)
     unknown_opts = sorted(set(raw_options) - set(sel.names()))
     if unknown_opts:
@@ -103,6 +108,14 @@ def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_opt
                 + (DP_HINT if mode == "dp" else "Choose another plugin or launch without that mode.")
             )
     return sel
+
+
+def _blocked_hint(host: PluginHost) -> str:
+    """Which plugin modules the loader left out, and the variable that did it (the name may be in one)."""
+    env = [f"{v}={os.environ[v]!r}" for v in ("HF_LOWMEM_PLUGINS", "HF_LOWMEM_DISABLE_PLUGINS") if os.environ.get(v)]
+    why = " and ".join(env) if env else "the allow/block lists given to load_plugins()"
+    return (f"Note: {why} left out the plugin module(s) {', '.join(sorted(host.blocked))}; unset it, or add the "
+            "module that provides this plugin.")
 
 
 @dataclass
