@@ -445,14 +445,14 @@ def save_atomically(trainer: Any, model: Any, trial: Any, save) -> str:
                 trainer.state.save_to_json(str(staged / "trainer_state.json"))
             write_manifest(staged, trainer)
             _publish(staged, final)
-            if not any(p.name != OWNER_FILE for p in root.iterdir()):
-                shutil.rmtree(root, ignore_errors=True)
+            _drop_if_empty(root)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=args.save_total_limit,
                                best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
     except BaseException as e:
         reason = describe_write_error(e, run_dir) if isinstance(e, Exception) else None
         if main:
             shutil.rmtree(staged, ignore_errors=True)
+            _drop_if_empty(root)
         if reason is None or isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"writing {name} into {str(run_dir)!r} failed: {reason}. The earlier checkpoints are "
@@ -460,6 +460,15 @@ def save_atomically(trainer: Any, model: Any, trial: Any, save) -> str:
     _barrier(trainer)
     trainer._lowmem_last_checkpoint = str(final)
     return str(final)
+
+
+def _drop_if_empty(root: Path) -> None:
+    """Remove the staging folder once it holds nothing but its owner marker."""
+    try:
+        if not any(p.name != OWNER_FILE for p in root.iterdir()):
+            shutil.rmtree(root, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _fix_best_checkpoint(trainer: Any, root: Path, run_dir: Path) -> None:
