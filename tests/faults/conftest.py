@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.tinyrun import build, loss_logger, read_losses
+from tests.faults.tinyrun import build, loss_logger, read_losses, rng_owner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,10 +23,14 @@ def reference(tmp_path_factory):
     """An uninterrupted run (6 steps, a checkpoint every 2): its losses by step, and its output folder."""
     out = tmp_path_factory.mktemp("reference")
     log = out.parent / "reference.jsonl"
-    build(out, callbacks=[loss_logger(log)]).train()
+    draws: dict[int, float] = {}
+    owner = rng_owner(draws)
+    trainer = build(out, callbacks=[loss_logger(log), owner])
+    owner.trainer = trainer
+    trainer.train()
     losses = read_losses(log)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    return {"losses": losses, "out": out}
+    return {"losses": losses, "out": out, "draws": draws}
 
 
 @pytest.fixture

@@ -57,6 +57,29 @@ def loss_logger(path: str | os.PathLike):
     return LossLog()
 
 
+def rng_owner(draws: dict):
+    """A fake owner of a stochastic-rounding generator: seeds it at the start of training, registers it
+    with :func:`hf_lowmem.checkpoint.register_rng`, and draws one number per step into ``draws``."""
+    import torch
+    from transformers import TrainerCallback
+
+    from hf_lowmem.checkpoint import register_rng
+
+    class RngOwner(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.gen = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.gen = torch.Generator().manual_seed(1234)
+            register_rng(self.trainer.lowmem_ctx, "fake-rounding", self.gen)
+
+        def on_step_end(self, args, state, control, **kw):
+            draws[state.global_step] = torch.rand(1, generator=self.gen).item()
+
+    return RngOwner()
+
+
 def read_losses(path: str | os.PathLike) -> dict[int, float]:
     if not Path(path).is_file():
         return {}
