@@ -184,3 +184,28 @@ def test_a_full_disk_during_a_save_loses_nothing(tmp_path, small_disk, disk):
     assert trainer.state.global_step == 4
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # no partial checkpoint-4, no staging folder
     assert checkpoint.verify(out / "checkpoint-2", trainer)["step"] == 2  # every checksum still matches
+
+
+@pytest.mark.parametrize("algorithm", checkpoint.HASHES)
+def test_each_checksum_catches_a_flipped_bit_in_any_chunk(tmp_path, monkeypatch, algorithm):
+    import os
+
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 1 << 16)  # several chunks, hashed by several threads
+    path = tmp_path / "weights.bin"
+    data = bytearray(os.urandom(5 * (1 << 16) + 123))
+    path.write_bytes(bytes(data))
+    digest = checkpoint.file_digest(path, algorithm=algorithm, threads=3)
+    assert checkpoint.file_digest(path, algorithm=algorithm, threads=1) == digest  # threads do not change it
+    data[3 * (1 << 16) + 7] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert checkpoint.file_digest(path, algorithm=algorithm) != digest
+
+
+def test_a_manifest_whose_checksum_cannot_be_computed_here_is_checked_by_size(trained, caplog):
+    path = trained / "checkpoint-6" / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["hash"] = "sha3-512/1GiB"  # e.g. written where another algorithm was available
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="hf_lowmem"):
+        assert checkpoint.verify(trained / "checkpoint-6", build(trained))["step"] == 6
+    assert "which this machine cannot compute (pip install xxhash); checking file sizes only" in caplog.text
