@@ -165,3 +165,33 @@ def test_handlers_are_restored_after_training(tmp_path):
     trainer.train()
     assert {s: signal.getsignal(s) for s in signals.SIGNALS} == before
     assert not trainer._lowmem_stopper.installed and not os.listdir(tmp_path / "run")
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    """The request is shared at the step boundary: without it the other rank would train on and hang."""
+    from tests.faults.conftest import REPO
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_LOWMEM_", "ACCELERATE_", "WORLD_SIZE", "RANK"))}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    err = tmp_path / "stderr.txt"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(REPO / "examples" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", "0", "-m", "tests.faults.tinyrun", "--out", str(out), "--log", str(out) + ".jsonl",
+           "--hold", "step:3", "--wait", "signal"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(err, "w"))
+    proc.stderr_path = err
+    try:
+        markers = [Path(str(out) + ".hold"), Path(str(out) + ".hold.1")]
+        wait_for(lambda: all(m.exists() and m.read_text().strip() for m in markers), proc, what="both ranks in step 3")
+        os.kill(int(markers[1].read_text()), signal.SIGTERM)  # only rank 1 is told
+        Path(str(out) + ".release").write_text("")  # rank 0 goes on, unaware
+        rc, text = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+    assert rc != 0 and text.count("stopped by SIGTERM at step 3; checkpoint:") == 1, text[-3000:]
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-3"] and not (out / STAGING_DIR).exists()
+    manifest = json.loads((out / "checkpoint-3" / MANIFEST_NAME).read_text())
+    assert manifest["world_size"] == 2 and manifest["step"] == 3

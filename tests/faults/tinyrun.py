@@ -7,7 +7,9 @@ signal or kill at a chosen point.
 ``--hold step:N`` stops inside step N (at its beginning), ``--hold save:N`` inside the checkpoint of step
 N (after the weights are written, before the optimizer), writes ``DIR.hold`` and waits: with
 ``--wait signal`` until a signal reaches the run (then it goes on), with ``--wait forever`` until it is
-killed. When the first signal arrives it writes ``DIR.got``. ``--temp-parent`` makes a temporary folder
+killed. When the first signal arrives it writes ``DIR.got``; ``DIR.release`` ends a ``--wait signal`` hold
+too (the rank of a multi-process run that no signal reaches). Under several processes rank R > 0 writes
+``DIR.hold.R``; a marker holds the process id. ``--temp-parent`` makes a temporary folder
 there through :func:`hf_lowmem.signals.make_temp_dir`, as a plugin that owns temporary files would.
 """
 
@@ -87,14 +89,19 @@ def read_losses(path: str | os.PathLike) -> dict[int, float]:
 
 
 def _hold(trainer, marker: Path, wait: str) -> None:
-    marker.write_text("holding\n")
-    got = marker.with_suffix(".got")
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank:
+        marker = marker.with_name(f"{marker.name}.{rank}")
+    marker.write_text(f"{os.getpid()}\n")
+    got, release = marker.with_suffix(".got"), marker.parent / (marker.name.split(".hold")[0] + ".release")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if trainer._lowmem_stopper.received and not got.exists():
             got.write_text("signal received\n")
             if wait == "signal":
                 return
+        if wait == "signal" and release.exists():
+            return
         time.sleep(0.02)
     raise SystemExit("tinyrun: held for 300 s and nothing came")
 
