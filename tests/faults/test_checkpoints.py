@@ -190,7 +190,7 @@ def test_a_full_disk_during_a_save_loses_nothing(tmp_path, small_disk, disk):
 def test_each_checksum_catches_a_flipped_bit_in_any_chunk(tmp_path, monkeypatch, algorithm):
     import os
 
-    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 1 << 16)  # several chunks, hashed by several threads
+    monkeypatch.setattr(checkpoint.manifest, "CHUNK_BYTES", 1 << 16)  # several chunks, hashed by several threads
     path = tmp_path / "weights.bin"
     data = bytearray(os.urandom(5 * (1 << 16) + 123))
     path.write_bytes(bytes(data))

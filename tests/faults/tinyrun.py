@@ -37,9 +37,8 @@ def snapshot(root: str | os.PathLike) -> dict[str, str]:
 
 def build(out: str | os.PathLike, *, max_steps: int = MAX_STEPS, save_steps: int = 2, callbacks=(), plugin_host=None,
           model=None, **kw):
-    from tests.tiny import RandomTokens, tiny_model, train_args
-
     from hf_lowmem import LowMemTrainer
+    from tests.tiny import RandomTokens, tiny_model, train_args
 
     base = {"lowmem_optimizer": "adamw", "save_strategy": "steps", "save_steps": save_steps, "max_steps": max_steps}
     base.update(kw)
