@@ -68,6 +68,15 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def dead_owner() -> dict:
+    """An owner marker naming a process of this host that has ended."""
+    import socket
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return {"host": socket.gethostname(), "pid": proc.pid, "start": "1"}
+
+
 def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 240.0, what: str = "") -> None:
     """Poll ``predicate`` until it holds; fail if ``proc`` ends first or ``timeout`` passes (generous: the
     test waits on conditions, never on the machine being fast)."""

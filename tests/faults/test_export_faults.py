@@ -6,7 +6,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from hf_lowmem.export import ExportError, export_model
 from hf_lowmem.signals import OWNER_FILE, owner_record
-from tests.faults.conftest import REPO
+from tests.faults.conftest import REPO, dead_owner
 from tests.faults.tinyrun import build, snapshot
 from tests.tiny import tiny_model
 
@@ -44,16 +43,10 @@ def test_a_folder_with_an_extra_file_beside_an_export_is_not_replaced(tmp_path):
     assert snapshot(out) == before
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_temporary_folders_of_a_killed_export_are_removed_by_the_next_one(tmp_path):
     out = tmp_path / "deploy"
     stale, live = tmp_path / ".deploy.partial-dead0001", tmp_path / ".deploy.partial-live0001"
-    for folder, owner in ((stale, {"host": socket.gethostname(), "pid": dead_pid(), "start": "1"}), (live, owner_record())):
+    for folder, owner in ((stale, dead_owner()), (live, owner_record())):
         folder.mkdir()
         (folder / OWNER_FILE).write_text(json.dumps(owner))
         (folder / "model.pt").write_bytes(b"half")

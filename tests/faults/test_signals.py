@@ -14,7 +14,7 @@ import pytest
 
 from hf_lowmem import signals
 from hf_lowmem.checkpoint import MANIFEST_NAME, STAGING_DIR
-from tests.faults.conftest import finish, wait_for
+from tests.faults.conftest import dead_owner, finish, wait_for
 from tests.faults.tinyrun import build, loss_logger, read_losses, snapshot
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -101,20 +101,12 @@ def test_sigkill_during_a_save_leaves_no_checkpoint_that_resume_would_pick(tmp_p
 
 
 # ---- the temporary-file API, with a fake owner -----------------------------------------------------------------
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_stale_temp_folders_of_dead_owners_are_removed_and_live_or_foreign_ones_kept(tmp_path):
-    import socket
-
     parent = tmp_path / "scratch"
     parent.mkdir()
-    owners = {"dead": {"host": socket.gethostname(), "pid": dead_pid(), "start": "1"},
+    owners = {"dead": dead_owner(),
               "alive": signals.owner_record(),
-              "other-host": {"host": "elsewhere.example", "pid": 1, "start": "1"}}
+              "other-host": dict(dead_owner(), host="elsewhere.example")}
     for name, owner in owners.items():
         (parent / f"x-{name}").mkdir()
         (parent / f"x-{name}" / signals.OWNER_FILE).write_text(json.dumps(owner))
