@@ -34,11 +34,12 @@ class LowMemTrainerMixin:
             from hf_lowmem.plugins import get_plugin_host, load_plugins
 
             plugin_host = load_plugins(strict=True) if args.lowmem_strict_plugins else get_plugin_host()
-        if args.lowmem_gpu_memory and model is not None and not getattr(args, "_lowmem_plan_summary", None):
+        plan = None
+        if args.lowmem_gpu_memory and model is not None:
             # the memory planner fills the selection (or refuses) before any plugin touches the model
-            args.lowmem_plan(model, host=plugin_host, train_dataset=kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
+            plan = args.lowmem_plan(model, host=plugin_host, train_dataset=kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
         selection = args.lowmem_selection(plugin_host)
-        ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args))
+        ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args), plan=plan)
         self.lowmem_ctx = ctx
         self.lowmem_engine = None
         self._lowmem_wants_engine = any(p.engine for p in ctx.plugins)

@@ -22,7 +22,8 @@ through two documented paths, either is enough:
 - the module protocol: a module whose weights are stored differently defines
   ``hf_lowmem_dequantized_state(self) -> dict[str, Tensor]`` giving its standard state (names relative to
   the module, e.g. ``{"weight": w}`` for a replaced ``nn.Linear``) in the original precision. That works
-  on a bare model object, with no run context.
+  on a bare model object, with no run context. The ``int8-weights`` plugin's modules implement it; the
+  bitsandbytes layers of ``bnb-nf4`` / ``bnb-int8`` do not (they need the run context's save hook).
 
 Formats (``OUT`` is a folder; each also gets the config, generation config, tokenizer files and
 ``hf_lowmem_export.json``, the report below):
