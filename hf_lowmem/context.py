@@ -122,10 +122,9 @@ def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_opt
             reason = a.incompatible.get(b.name) or a.incompatible.get(b.kind)
             if reason:
                 raise PluginError(f"plugins {a.name!r} and {b.name!r} cannot be combined: {reason}")
-        if a.check_selection is not None:
-            reason = a.check_selection(sel.by_kind)
-            if reason:
-                raise PluginError(f"plugin {a.name!r} cannot be used with this selection: {reason}")
+        reason = a.check_selection(sel.by_kind)
+        if reason:
+            raise PluginError(f"plugin {a.name!r} cannot be used with this selection: {reason}")
         if mode not in a.modes:
             raise PluginError(
                 f"plugin {a.name!r} does not support {mode} runs (it supports: {', '.join(a.modes)}). "

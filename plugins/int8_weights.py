@@ -26,10 +26,8 @@ optimizer's states, as in any run (with bnb-adamw8bit: ~1.03 + 2 + 2 = ~5 bytes/
 
 Saving restores the original precision: the plugin's ``before_save`` replaces ``<name>.weight_int8`` and
 ``<name>.weight_scale`` with ``<name>.weight`` in the original dtype, so a saved folder is a standard
-transformers checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it); an :class:`Int8Linear` also
-hands its standard state to ``hf_lowmem.export`` on a bare model (``hf_lowmem_dequantized_state``). Loading
-such a state dict into a converted model re-quantizes it (round to nearest). Lossy (int8 storage):
-``lossless=False``.
+transformers checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Loading such a state dict
+into a converted model re-quantizes it (round to nearest). Lossy (int8 storage): ``lossless=False``.
 
 (Over 400 lines: the quantization arithmetic, the module that stores its weight in int8 (autograd function,
 moves, state dict), the layer-by-layer optimizer step and the plugin belong together; each part is small.)
@@ -168,14 +166,6 @@ def _make_module_classes():
 
         def dequantized(self, dtype=None):
             return dequantize(self.weight_int8, self.weight_scale, dtype or self.weight.dtype)
-
-        def hf_lowmem_dequantized_state(self):
-            """The standard ``nn.Linear`` state in the original dtype (the export's module protocol,
-            :mod:`hf_lowmem.export.source`): what a bare model object exports without a run context."""
-            state = {"weight": self.dequantized(self._dtype)}
-            if self.bias is not None:
-                state["bias"] = self.bias.detach()
-            return state
 
         def forward(self, x):
             return Int8LinearFunction.apply(x, self.weight, self.bias, self)

@@ -180,9 +180,12 @@ def test_only_the_selected_plugin_is_asked_for_what_its_kind_provides(site):
               {"zeta": "zeta_mod"})
     host = load_plugins()
     asked = []
+
+    def recorder(name):
+        return lambda ctx, model, trainer: asked.append(name) or name
+
     for name in host.registry.names("optimizer"):  # record every optimizer plugin that is asked
-        plugin = host.registry[name]
-        plugin.create_optimizer = (lambda p: lambda ctx, model, trainer: asked.append(p.name) or p.name)(plugin)
+        host.registry[name].create_optimizer = recorder(name)
     assert host.create_optimizer(ctx=ctx_for(host, optimizer=["zeta-opt"]), model=None, trainer=None) == "zeta-opt"
     assert host.create_optimizer(ctx=ctx_for(host), model=None, trainer=None) is None  # none selected: the Trainer's
     assert asked == ["zeta-opt"]

@@ -143,21 +143,6 @@ def test_int8_weights_save_is_a_standard_checkpoint(tmp_path):
         assert torch.equal(m1.weight_int8, m2.weight_int8), n1
 
 
-def test_a_bare_int8_model_exports_its_standard_state_without_a_run_context():
-    """The export's module protocol: each Int8Linear hands back its weight in the original dtype."""
-    from hf_lowmem.export.source import gather_state_dict
-    from hf_lowmem_plugins.int8_weights import convert_model, int8_modules
-
-    plain = tiny_model()
-    model = tiny_model()
-    convert_model(model, block_size=16)
-    state = gather_state_dict(model)  # no ctx: no save hook runs
-    assert set(state) == set(plain.state_dict())
-    for name, m in int8_modules(model):
-        assert torch.equal(state[f"{name}.weight"], m.dequantized(torch.float32))
-        torch.testing.assert_close(state[f"{name}.weight"], plain.get_submodule(name).weight, atol=0.02, rtol=0)
-
-
 def test_int8_weights_refuses_model_without_trainable_linear(tmp_path):
     model = tiny_model()
     for p in model.parameters():
