@@ -107,7 +107,7 @@ def test_layer_activations_equal_what_autograd_saves(precision, attn, n_kv):
     three, _ = _saved_bytes(precision, attn, n_kv, layers=3)
     measured_per_layer = (three - one) / 2
     setup = TrainSetup(micro_batch=2, seq_len=32, precision=precision, attn_impl=attn, device="cpu")
-    predicted = planner._layer_activation_bytes(shape, setup, setup.tokens)
+    predicted = planner.layer_activation_bytes(shape, setup, setup.tokens)
     if setup.amp:  # autocast's bf16 copies of the weights are saved too; the planner counts them as weights
         predicted += 2 * shape.linear_layer_params
     assert predicted == pytest.approx(measured_per_layer, rel=0.01)
@@ -246,8 +246,8 @@ def test_state_bytes_equal_the_prediction_with_gradients_present():
             opt.step()
     shape = load_model_shape(model)
     setup = TrainSetup(micro_batch=2, seq_len=64, precision="fp32", device="cpu")
-    st = planner._base_step(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
-    planner._adamw_states(PlanInput(shape, setup, {}), st)
+    st = planner.base_step(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
+    planner.adamw_states(PlanInput(shape, setup, {}), st)
     w, g, s = _state_bytes(model, opt)
     assert (w, g, s) == (st.weights, sum(st.grad_layer) + st.grad_embed + st.grad_head + st.grad_other, st.states)
 

@@ -48,9 +48,6 @@ from hf_lowmem.planner.step import (Step, adamw_states, base_step, bnb8_state_by
                                     layer_forward_workspace)
 from hf_lowmem.sizes import GiB, MiB, fmt_gib, fmt_size, gib, gib_up, parse_size, size_arg
 
-# the names the planner's tests have always used
-_layer_activation_bytes, _base_step, _adamw_states = layer_activation_bytes, base_step, adamw_states
-
 __all__ = [
     "ATTN_IMPLS", "DEFAULT_DEVICE", "GPU_COMPONENTS", "KIND_ORDER", "PRECISIONS", "PRESETS", "Candidate", "DeviceSpec",
     "GiB", "MemoryEstimate", "MiB", "ModelShape", "Plan", "PlanInput", "PlanRefused", "Step", "TrainSetup",
