@@ -90,6 +90,7 @@ def host_with(*plugins: Any, entry_points: bool = True):
             type(plugin).__module__, type(plugin).__qualname__)
         if not same:
             register(plugin)
+            host.loaded["testing"] = "hf_lowmem.testing"
     return host
 
 

@@ -41,7 +41,7 @@ Trainer's first step; a later step that carried one exact SVD refresh (``proj_me
 against a 0.26 s median. Staggering spreads refreshes but does not make them cheaper: a full 7B (224
 matrices, gap 200) averages ~1.1 exact refreshes per step, so prefer ``proj_method="randomized"`` there
 (its effect on quality is not measured yet; the SmolLM2 quality run used the exact refresh).
-``python -m hf_lowmem_plugins.galore_projector`` measures SVD against the randomized finder on this machine.
+``python -m hf_lowmem_plugins.galore`` measures SVD against the randomized finder on this machine.
 
 **Layer-wise updates** (``*-layerwise``). Each trainable parameter gets its own inner optimizer, stepped
 from a post-accumulate-grad hook, so a parameter's full gradient is freed as soon as it has been used and
@@ -410,3 +410,9 @@ def projectors_of(optimizer) -> list[GaLoreProjector]:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+if __name__ == "__main__":  # python -m hf_lowmem_plugins.galore: the projector cost (see galore_projector)
+    from hf_lowmem_plugins.galore_projector import _main
+
+    raise SystemExit(_main())
