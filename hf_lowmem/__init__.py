@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from hf_lowmem.spec import hookimpl  # noqa: E402  (pluggy only)
+from hf_lowmem.spec import Plugin, PluginInfo, hookimpl  # noqa: E402  (pluggy only)
 
 _LAZY = {
     "LowMemTrainer": "hf_lowmem.trainer",
@@ -20,7 +20,6 @@ _LAZY = {
     "LowMemTrainingArguments": "hf_lowmem.args",
     "lowmem_args_class": "hf_lowmem.args",
     "upgrade_args": "hf_lowmem.args",
-    "PluginInfo": "hf_lowmem.registry",
     "LowMemContext": "hf_lowmem.context",
     "load_plugins": "hf_lowmem.plugins",
     "get_plugin_host": "hf_lowmem.plugins",
@@ -29,14 +28,13 @@ _LAZY = {
     "MemoryBudgetError": "hf_lowmem.errors",
 }
 
-__all__ = ["__version__", "hookimpl", *_LAZY]
+__all__ = ["__version__", "Plugin", "PluginInfo", "hookimpl", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from hf_lowmem.args import LowMemTrainingArguments, lowmem_args_class, upgrade_args
     from hf_lowmem.context import LowMemContext
     from hf_lowmem.errors import MemoryBudgetError, MissingExtraError, PluginError
     from hf_lowmem.plugins import get_plugin_host, load_plugins
-    from hf_lowmem.registry import PluginInfo
     from hf_lowmem.trainer import LowMemTrainer, LowMemTrainerMixin, lowmem_trainer_class
 
 

@@ -29,12 +29,12 @@ class LowMemFields:
         default=None, metadata={"help": "Quantization plugin by name (e.g. int8-weights, bnb-nf4)."}
     )
     lowmem_attention: str | None = field(
-        default=None, metadata={"help": "Attention plugin by name (e.g. sdpa, flash-attn, chunked-loss)."}
+        default=None, metadata={"help": "Attention plugin by name (e.g. sdpa, flash-attn, auto-attention)."}
     )
     lowmem_offload: list[str] | None = field(
         default=None,
-        metadata={"help": "Offload plugins by name, several allowed (e.g. gradient-checkpointing activation-offload, "
-                          "or stream for the weight-streaming engine). Comma-separated also accepted."},
+        metadata={"help": "Offload plugins by name, several allowed (e.g. gradient-checkpointing activation-offload "
+                          "chunked-loss, or stream for the weight-streaming engine). Comma-separated also accepted."},
     )
     lowmem_options: dict | str | None = field(
         default=None,
@@ -94,7 +94,8 @@ class LowMemFields:
         """With ``lowmem_gpu_memory`` set: choose the plugins that fit (keeping the ones you selected) and fill
         the selection, or raise :class:`~hf_lowmem.errors.MemoryBudgetError` with the smallest budget that works.
         ``model_or_config``: a model, a config, a config path or a preset name; call it with a config before
-        loading a big model to fail early. ``LowMemTrainer`` calls it for you. See :func:`hf_lowmem.planner.plan_for_args`."""
+        loading a big model to fail early. ``LowMemTrainer`` calls it for you and keeps the returned
+        :class:`~hf_lowmem.planner.Plan` as ``ctx.plan``. See :func:`hf_lowmem.planner.plan_for_args`."""
         from hf_lowmem.planner import plan_for_args
 
         return plan_for_args(self, model_or_config, host=host, seq_len=seq_len, train_dataset=train_dataset,
@@ -111,7 +112,7 @@ class LowMemFields:
 
 
 def _check_budgets_and_plot(args: Any) -> None:
-    from hf_lowmem.planner import parse_size
+    from hf_lowmem.sizes import parse_size
 
     if args.lowmem_gpu_memory is not None:
         parse_size(args.lowmem_gpu_memory, "lowmem_gpu_memory")

@@ -1,4 +1,5 @@
-"""The per-run context every hook receives: the arguments, which plugins are selected, their options."""
+"""The per-run context every plugin method receives: the arguments, which plugins are selected, their
+options, the memory plan; and the two ways the Trainer builds an optimizer for a plugin."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import KINDS, PluginInfo
+from hf_lowmem.spec import KINDS, Plugin
 
 if TYPE_CHECKING:  # pragma: no cover
+    from hf_lowmem.planner import Plan
     from hf_lowmem.plugins import PluginHost
 
 
@@ -20,9 +22,9 @@ def distributed_mode(args: Any = None) -> str:
     ``dp`` is a plain ``python script.py`` on a machine where the process sees several GPUs: the Trainer
     then wraps the model in ``torch.nn.DataParallel`` (``args.n_gpu > 1``), one thread per GPU."""
     env = os.environ
-    if (args is not None and getattr(args, "deepspeed", None)) or _truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
+    if (args is not None and getattr(args, "deepspeed", None)) or truthy(env.get("ACCELERATE_USE_DEEPSPEED")):
         return "deepspeed"
-    if (args is not None and getattr(args, "fsdp", None)) or _truthy(env.get("ACCELERATE_USE_FSDP")):
+    if (args is not None and getattr(args, "fsdp", None)) or truthy(env.get("ACCELERATE_USE_FSDP")):
         return "fsdp"
     if int(env.get("WORLD_SIZE", "1") or 1) > 1:
         return "ddp"
@@ -50,8 +52,35 @@ def mixed_precision_dtype(args: Any):
     return None
 
 
-def _truthy(v: str | None) -> bool:
-    return (v or "").strip().lower() in ("1", "true", "yes")
+def truthy(value: str | None) -> bool:
+    """An environment variable read as a flag: ``1``, ``true``, ``yes``, ``on`` (any case) are true."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def trainer_optimizer(trainer: Any, model: Any, cls: type, kwargs: dict) -> Any:
+    """``cls`` built by ``transformers.Trainer.create_optimizer`` itself, with the Trainer's own parameter
+    groups (weight-decay split, one group per device mesh) and ``kwargs``: what the Trainer does with its
+    ``optimizer_cls_and_kwargs``. ``cls`` must subclass ``torch.optim.Optimizer``."""
+    from transformers import Trainer
+
+    saved = trainer.optimizer, trainer.optimizer_cls_and_kwargs
+    trainer.optimizer, trainer.optimizer_cls_and_kwargs = None, (cls, dict(kwargs))
+    try:
+        return Trainer.create_optimizer(trainer, model)
+    finally:
+        trainer.optimizer, trainer.optimizer_cls_and_kwargs = saved
+
+
+def trainer_param_groups(trainer: Any, model: Any) -> list[dict]:
+    """The Trainer's own parameter groups for ``model``, exactly as ``Trainer.create_optimizer`` makes them
+    (for a plugin that builds its optimizer elsewhere, e.g. an engine)."""
+    import torch
+
+    class Capture(torch.optim.Optimizer):
+        def __init__(self, groups, **kwargs):  # records the groups; never steps
+            self.groups = groups
+
+    return trainer_optimizer(trainer, model, Capture, {}).groups
 
 
 @dataclass
@@ -98,10 +127,9 @@ def resolve_selection(host: PluginHost, requested: dict[str, list[str]], raw_opt
             reason = a.incompatible.get(b.name) or a.incompatible.get(b.kind)
             if reason:
                 raise PluginError(f"plugins {a.name!r} and {b.name!r} cannot be combined: {reason}")
-        if a.check_selection is not None:
-            reason = a.check_selection(sel.by_kind)
-            if reason:
-                raise PluginError(f"plugin {a.name!r} cannot be used with this selection: {reason}")
+        reason = a.check_selection(sel.by_kind)
+        if reason:
+            raise PluginError(f"plugin {a.name!r} cannot be used with this selection: {reason}")
         if mode not in a.modes:
             raise PluginError(
                 f"plugin {a.name!r} does not support {mode} runs (it supports: {', '.join(a.modes)}). "
@@ -120,15 +148,17 @@ def _blocked_hint(host: PluginHost) -> str:
 
 @dataclass
 class LowMemContext:
-    """What every hook gets: ``args`` (the :class:`~hf_lowmem.args.LowMemTrainingArguments`), the loaded
-    ``host``, the ``selection``, the distributed ``mode``, and ``state``, scratch space plugins may share
-    for the run (keyed by plugin name)."""
+    """What every plugin method gets: ``args`` (the :class:`~hf_lowmem.args.LowMemTrainingArguments`), the
+    loaded ``host``, the ``selection``, the distributed ``mode``, the memory ``plan`` that chose the plugins
+    (when ``lowmem_gpu_memory`` is set; a :class:`hf_lowmem.planner.Plan`), and ``state``, scratch space
+    plugins may share for the run (keyed by plugin name)."""
 
     args: Any
     host: PluginHost
     selection: Selection
     mode: str = "single"
     state: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
 
     def selected(self, kind: str) -> str | None:
         """The selected plugin of ``kind`` (the first, for ``offload``), or ``None``."""
@@ -144,9 +174,20 @@ class LowMemContext:
             raise PluginError(f"plugin {name!r} is not selected")
         return self.selection.options.get(name)
 
-    def info(self, name: str) -> PluginInfo:
+    def info(self, name: str) -> Plugin:
+        """The registered plugin object ``name``."""
         return self.host.registry[name]
 
+    def plugin(self, kind: str) -> Plugin | None:
+        """The selected plugin object of ``kind`` (the first, for ``offload``), or ``None``."""
+        name = self.selected(kind)
+        return None if name is None else self.host.registry[name]
+
     @property
-    def plugins(self) -> list[PluginInfo]:
+    def plugins(self) -> list[Plugin]:
+        """The selected plugin objects, in kind order (offload plugins in the order given)."""
         return [self.host.registry[n] for n in self.selection.names()]
+
+    def provides(self, capability: str) -> bool:
+        """Whether a selected plugin declares ``capability`` in its :attr:`~hf_lowmem.spec.Plugin.provides`."""
+        return any(capability in p.provides for p in self.plugins)

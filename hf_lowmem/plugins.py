@@ -1,10 +1,11 @@
-"""Loading plugins, and the typed facade the core calls hooks through.
+"""Loading plugins, and the facade through which the core asks the selected plugins (and tells every
+module of the events).
 
-Plugins are the modules named by entry points in the ``hf_lowmem`` group; hf-lowmem's own plugins
-register through the same group. Loading is lazy (never at ``import hf_lowmem``), happens once per
-:class:`PluginHost`, and imports entry points one at a time: one that fails to import, or that
-implements a hook the spec does not have, is reported by entry-point and distribution name with its
-traceback and left out, while the others keep working.
+Plugin modules are named by entry points in the ``hf_lowmem`` group; hf-lowmem's own plugins register
+through the same group. Loading is lazy (never at ``import hf_lowmem``), happens once per
+:class:`PluginHost`, and imports entry points one at a time: one that fails to import, that implements an
+event the spec does not have, or whose registration fails, is reported by entry-point and distribution
+name with its traceback and left out, while the others keep working.
 
 Environment variables (read at load time):
 
@@ -29,7 +30,8 @@ from typing import Any, Iterable
 import pluggy
 
 from hf_lowmem import spec
-from hf_lowmem.errors import PluginLoadError
+from hf_lowmem.context import truthy
+from hf_lowmem.errors import PluginError, PluginLoadError
 from hf_lowmem.registry import Registry
 
 logger = logging.getLogger("hf_lowmem")
@@ -38,6 +40,10 @@ FIRST_PARTY_DIST = "hf-lowmem"
 #: entry points that cannot be blocked
 ESSENTIAL = frozenset({"core"})
 HOOK_PREFIX = "hf_lowmem_"
+#: module-level hooks of the 0.1 API that became methods of the selected plugin object
+MOVED_TO_PLUGIN = {"hf_lowmem_create_optimizer": "optimizer_cls_and_kwargs or create_optimizer",
+                   "hf_lowmem_create_engine": "create_engine", "hf_lowmem_compute_loss": "compute_loss",
+                   "hf_lowmem_estimate_memory": "memory_model"}
 
 
 @dataclass(frozen=True)
@@ -71,10 +77,6 @@ def _env_list(name: str) -> set[str] | None:
     return {x.strip() for x in raw.split(",") if x.strip()}
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _entry_points() -> list[metadata.EntryPoint]:
     eps = list(metadata.entry_points(group=spec.ENTRY_POINT_GROUP))
     # hf-lowmem's own first, so third-party implementations run before them (pluggy calls LIFO);
@@ -92,8 +94,9 @@ def _entry_points() -> list[metadata.EntryPoint]:
 
 
 class PluginHost:
-    """The loaded plugins: the pluggy manager, the registry of plugin names, and one typed method per
-    hook so that core call sites always pass keyword arguments."""
+    """The loaded plugins: the pluggy manager (modules and their events), the registry of plugin objects,
+    and one method per step of a run (see the call order in :mod:`hf_lowmem.spec`), so that core call
+    sites never ask an unselected plugin anything."""
 
     def __init__(self) -> None:
         self.pm = _Manager(spec.PROJECT)
@@ -113,7 +116,7 @@ class PluginHost:
         extra_plugins: Iterable[tuple[str, Any]] = (),
         entry_points: bool = True,
     ) -> "PluginHost":
-        strict = _truthy(os.environ.get("HF_LOWMEM_STRICT_PLUGINS")) if strict is None else strict
+        strict = truthy(os.environ.get("HF_LOWMEM_STRICT_PLUGINS")) if strict is None else strict
         allow = set(allow) if allow is not None else _env_list("HF_LOWMEM_PLUGINS")
         block = set(block) if block is not None else (_env_list("HF_LOWMEM_DISABLE_PLUGINS") or set())
         candidates: list[tuple[str, str, str, Any]] = []
@@ -135,30 +138,31 @@ class PluginHost:
 
     def _load_one(self, name: str, dist: str, version: str, source: Any, strict: bool) -> None:
         try:
-            plugin = source.load() if isinstance(source, metadata.EntryPoint) else source
+            module = source.load() if isinstance(source, metadata.EntryPoint) else source
         except BaseException as e:  # noqa: BLE001 - any failure of a plugin's import is isolated,
             if isinstance(e, KeyboardInterrupt):  # sys.exit() at import included; only Ctrl-C goes through
                 raise
             return self._fail(name, dist, e, strict)
         try:
-            self.pm.register(plugin, name=name)
+            moved = [h for h in MOVED_TO_PLUGIN if callable(getattr(module, h, None))]
+            if moved:
+                raise PluginError(f"{moved[0]} is not an event any more: only the selected plugin is asked for that, "
+                                  f"through the method {MOVED_TO_PLUGIN[moved[0]]!r} of its hf_lowmem.Plugin object "
+                                  "(see hf_lowmem.spec)")
+            self.pm.register(module, name=name)
             self.pm.check_pending()
         except Exception as e:  # a misspelled hook or a bad hookimpl signature
-            if self.pm.is_registered(plugin):
-                self.pm.unregister(plugin)
+            if self.pm.is_registered(module):
+                self.pm.unregister(module)
             return self._fail(name, dist, e, strict)
         register_impl = self.pm.hook.hf_lowmem_register.get_hookimpls()
-        impl = next((i for i in register_impl if i.plugin is plugin), None)
+        impl = next((i for i in register_impl if i.plugin is module), None)
         if impl is not None:
-            before = set(self.registry.names())
             try:
                 impl.function(register=self.registry.register_from(name, dist, version))
             except Exception as e:
-                # roll back what this plugin registered before failing
-                for pname in set(self.registry.names()) - before:
-                    self.registry._plugins.pop(pname, None)
-                    self.registry._owner.pop(pname, None)
-                self.pm.unregister(plugin)
+                self.registry.forget_module(name)  # roll back what it registered before failing
+                self.pm.unregister(module)
                 return self._fail(name, dist, e, strict)
         self.loaded[name] = dist
 
@@ -170,37 +174,70 @@ class PluginHost:
                        failure, name, failure.traceback)
         self.failures.append(failure)
 
-    # ---- the typed facade: one method per hook ----------------------------------------------------
+    # ---- a run: the selected plugins, then the event for every module ---------------------------------
     def validate(self, *, ctx) -> None:
+        for plugin in ctx.plugins:
+            plugin.import_requirements()
+            if plugin.needs_cuda:
+                import torch
+
+                if not torch.cuda.is_available() or getattr(ctx.args, "use_cpu", False):
+                    raise PluginError(f"plugin {plugin.name!r} needs a CUDA GPU and this run has none"
+                                      " (choose another plugin, or run on a machine with a GPU)")
+            plugin.validate(ctx)
         self.pm.hook.hf_lowmem_validate(ctx=ctx)
 
     def prepare_model(self, *, ctx, model):
         for stage in spec.PREPARE_STAGES:
+            for plugin in ctx.plugins:
+                if plugin.kind == stage:
+                    model = _keep_or_replace(model, plugin.prepare_model(ctx, model))
             for result in self.pm.hook.hf_lowmem_prepare_model(ctx=ctx, model=model, stage=stage):
-                if result is not None:
-                    model = result
+                model = _keep_or_replace(model, result)
         return model
 
-    def create_engine(self, *, ctx, model, trainer):
-        return self.pm.hook.hf_lowmem_create_engine(ctx=ctx, model=model, trainer=trainer)
-
-    def create_optimizer(self, *, ctx, model, trainer):
-        return self.pm.hook.hf_lowmem_create_optimizer(ctx=ctx, model=model, trainer=trainer)
-
-    def compute_loss(self, *, ctx, model, inputs, num_items_in_batch):
-        return self.pm.hook.hf_lowmem_compute_loss(ctx=ctx, model=model, inputs=inputs, num_items_in_batch=num_items_in_batch)
-
     def callbacks(self, *, ctx) -> list:
-        out: list = []
+        out: list = [cb for plugin in ctx.plugins for cb in (plugin.callbacks(ctx) or [])]
         for result in self.pm.hook.hf_lowmem_callbacks(ctx=ctx):
             out.extend(result or [])
         return out
 
+    def create_engine(self, *, ctx, model, trainer):
+        """The engine of the selected engine plugin, or ``None`` when no engine plugin is selected."""
+        plugin = next((p for p in ctx.plugins if p.engine), None)
+        if plugin is None:
+            return None
+        engine = plugin.create_engine(ctx, model, trainer)
+        if engine is None:
+            raise PluginError(f"plugin {plugin.name!r} declares an engine but created none")
+        return engine
+
+    def create_optimizer(self, *, ctx, model, trainer):
+        """The selected optimizer plugin's optimizer, or ``None`` (the Trainer's own ``args.optim``)."""
+        plugin = ctx.plugin("optimizer")
+        if plugin is None:
+            return None
+        optimizer = plugin.create_optimizer(ctx, model, trainer)
+        if optimizer is None:  # a selected optimizer plugin that yields nothing must not fall back to AdamW silently
+            raise PluginError(f"optimizer plugin {plugin.name!r} (module {self.registry.owner(plugin.name)!r}) created "
+                              "no optimizer: it must define optimizer_cls_and_kwargs or create_optimizer")
+        return optimizer
+
+    def compute_loss(self, *, ctx, model, inputs, num_items_in_batch):
+        for plugin in ctx.plugins:
+            loss = plugin.compute_loss(ctx, model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss
+        return None
+
     def before_save(self, *, ctx, model, state_dict) -> None:
+        for plugin in ctx.plugins:
+            plugin.before_save(ctx, model, state_dict)
         self.pm.hook.hf_lowmem_before_save(ctx=ctx, model=model, state_dict=state_dict)
 
-    def estimate_memory(self, *, plan, name, options, estimate):
-        return self.pm.hook.hf_lowmem_estimate_memory(plan=plan, name=name, options=options, estimate=estimate)
+
+def _keep_or_replace(model, result):
+    return model if result is None else result
 
 
 def load_plugins(**kwargs: Any) -> PluginHost:

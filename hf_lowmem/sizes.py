@@ -68,3 +68,26 @@ def fmt_count(n: float) -> str:
             v = n / mult
             return f"{v:.3g}{unit}" if v < 100 else f"{v:.0f}{unit}"
     return f"{n:.0f}"
+
+
+def gib(nbytes: float) -> float:
+    """``nbytes`` in GiB."""
+    return nbytes / GiB
+
+
+def fmt_gib(nbytes: float, digits: int = 2) -> str:
+    """``nbytes`` as a number of GiB, for tables (``"8.00"``)."""
+    return f"{nbytes / GiB:.{digits}f}"
+
+
+def gib_up(nbytes: float) -> float:
+    """``nbytes`` in GiB, rounded up to 0.1 (a budget that is at least ``nbytes``)."""
+    return math.ceil(nbytes / GiB * 10 - 1e-9) / 10
+
+
+def size_arg(nbytes: float) -> str:
+    """A budget argument at least ``nbytes`` that :func:`parse_size` reads back: GiB rounded up to 0.1, or MiB
+    below 1 GiB."""
+    if nbytes >= GiB:
+        return f"{gib_up(nbytes):g}GiB"
+    return f"{max(1, math.ceil(nbytes / MiB))}MiB"

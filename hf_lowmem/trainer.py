@@ -39,11 +39,12 @@ class LowMemTrainerMixin:
             from hf_lowmem.plugins import get_plugin_host, load_plugins
 
             plugin_host = load_plugins(strict=True) if args.lowmem_strict_plugins else get_plugin_host()
-        if args.lowmem_gpu_memory and model is not None and not getattr(args, "_lowmem_plan_summary", None):
+        plan = None
+        if args.lowmem_gpu_memory and model is not None:
             # the memory planner fills the selection (or refuses) before any plugin touches the model
-            args.lowmem_plan(model, host=plugin_host, train_dataset=kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
+            plan = args.lowmem_plan(model, host=plugin_host, train_dataset=kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None))
         selection = args.lowmem_selection(plugin_host)
-        ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args))
+        ctx = LowMemContext(args=args, host=plugin_host, selection=selection, mode=distributed_mode(args), plan=plan)
         self.lowmem_ctx = ctx
         self.lowmem_engine = None
         self._lowmem_wants_engine = any(p.engine for p in ctx.plugins)
@@ -119,9 +120,9 @@ class LowMemTrainerMixin:
         if self.optimizer is None:
             if self.lowmem_engine is not None:
                 self.optimizer = self.lowmem_engine.optimizer
-            elif self.lowmem_ctx.selected("optimizer"):
+            else:  # only the selected optimizer plugin is asked (a third-party one cannot replace it)
                 opt_model = self.model if model is None else model
-                self.optimizer = _selected_plugin_optimizer(self.lowmem_ctx, opt_model, self)
+                self.optimizer = self.lowmem_ctx.host.create_optimizer(ctx=self.lowmem_ctx, model=opt_model, trainer=self)
         if self.optimizer is None:
             return super().create_optimizer(model)
         return self.optimizer
@@ -197,21 +198,6 @@ def _check_hyperparameters(args) -> None:
             continue
         if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
             raise PluginError(f"{name}={value!r} cannot train: it must be {want} (--{name})")
-
-
-def _selected_plugin_optimizer(ctx, model, trainer):
-    """Ask only the plugin module that registered the selected optimizer (a third-party module whose
-    ``hf_lowmem_create_optimizer`` ignores the selection cannot replace it), and refuse a ``None``."""
-    name = ctx.selected("optimizer")
-    owner = ctx.host.registry.owner(name)
-    pm = ctx.host.pm
-    others = [p for p in pm.get_plugins() if pm.get_name(p) != owner]
-    optimizer = pm.subset_hook_caller("hf_lowmem_create_optimizer", remove_plugins=others)(
-        ctx=ctx, model=model, trainer=trainer)
-    if optimizer is None:
-        raise PluginError(f"optimizer plugin {name!r} (module {owner!r}) created no optimizer; its "
-                          "hf_lowmem_create_optimizer must return one when it is selected")
-    return optimizer
 
 
 class LowMemTrainer(LowMemTrainerMixin, Trainer):

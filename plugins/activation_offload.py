@@ -30,6 +30,9 @@ With ``gradient-checkpointing`` selected too, checkpointed layers save only thei
 checkpointing plugin then uses the reentrant form, whose input goes through ``save_for_backward``), so
 exactly one hidden state per checkpointed layer is offloaded and prefetched one layer ahead: the
 activation memory left on the GPU is about one layer's recompute, independent of depth.
+
+(Over 400 lines: the offloader is one state machine, pack in forward, offload behind a window, prefetch and
+unpack in backward, for two targets; its pieces share its bookkeeping and would not read apart.)
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
+from hf_lowmem.anatomy import decoder, unwrap
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -86,34 +89,6 @@ class ActivationOffloadOptions:
 
     def kept_bytes(self) -> int:
         return int(self.prefetch_bytes if self.keep_bytes is None else self.keep_bytes)
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="offload", options=ActivationOffloadOptions, lossless=True,
-        # not "dp": DataParallel runs each replica's forward in its own thread, outside the hooks' thread
-        modes=("single", "ddp", "fsdp", "deepspeed"),
-        incompatible={"stream": "the weight-streaming engine schedules activations itself"},
-        help="saved activations to pinned CPU memory (side-stream copies, prefetched for backward) or to disk",
-    ))
-
-
-@hookimpl
-def hf_lowmem_validate(ctx):
-    if not ctx.is_selected(NAME):
-        return
-    opts = ctx.options(NAME) or ActivationOffloadOptions()
-    if opts.target == "disk":
-        d = opts.dir or tempfile.gettempdir()
-        os.makedirs(d, exist_ok=True)
-        if not os.access(d, os.W_OK):
-            raise PluginError(f"activation-offload: directory {d!r} is not writable; set lowmem_options "
-                              '{"activation-offload": {"target": "disk", "dir": "/a/writable/path"}}')
-    if getattr(ctx.args, "gradient_checkpointing", False):
-        logger.warning("activation-offload with gradient_checkpointing=True: the Trainer's checkpointing keeps "
-                       "checkpoint inputs on the GPU. Select the gradient-checkpointing plugin instead so that "
-                       "they are offloaded.")
 
 
 # ---- the offloader ---------------------------------------------------------------------------------------
@@ -495,27 +470,12 @@ class ActivationOffloader:
 
 
 # ---- installation ------------------------------------------------------------------------------------------
-def _decoder(model):
-    base = model
-    while getattr(base, "module", None) is not None and base.module is not base:
-        base = base.module
-    get = getattr(base, "get_decoder", None)
-    if callable(get):
-        try:
-            dec = get()
-            if dec is not None:
-                return dec
-        except Exception:  # noqa: BLE001
-            pass
-    return getattr(base, "model", None) or base
-
-
 def install(model, offloader: ActivationOffloader, module=None):
     """Run ``module``'s (default: the decoder's) training forward under the offloader's saved-tensor hooks.
     Returns the hook handles (call ``.remove()`` on them to undo)."""
     import torch
 
-    module = module if module is not None else _decoder(model)
+    module = module if module is not None else (decoder(model) or unwrap(model))
 
     def pre(mod, args, kwargs):
         if mod.training and torch.is_grad_enabled() and "_hf_lowmem_offload_cm" not in mod.__dict__:
@@ -536,15 +496,55 @@ def install(model, offloader: ActivationOffloader, module=None):
             module.register_forward_hook(post, with_kwargs=True, always_call=True)]
 
 
-@hookimpl
-def hf_lowmem_prepare_model(ctx, model, stage):
-    if stage != "offload" or not ctx.is_selected(NAME):
+class ActivationOffload(Plugin):
+    name, kind, options, lossless = NAME, "offload", ActivationOffloadOptions, True
+    # not "dp": DataParallel runs each replica's forward in its own thread, outside the hooks' thread
+    modes = ("single", "ddp", "fsdp", "deepspeed")
+    incompatible = {"stream": "the weight-streaming engine schedules activations itself"}
+    provides = ("saved-tensor-hooks",)  # checkpointing then saves its layer inputs where these hooks see them
+    help = "saved activations to pinned CPU memory (side-stream copies, prefetched for backward) or to disk"
+
+    def validate(self, ctx):
+        opts = ctx.options(NAME)
+        if opts.target == "disk":
+            d = opts.dir or tempfile.gettempdir()
+            os.makedirs(d, exist_ok=True)
+            if not os.access(d, os.W_OK):
+                raise PluginError(f"activation-offload: directory {d!r} is not writable; set lowmem_options "
+                                  '{"activation-offload": {"target": "disk", "dir": "/a/writable/path"}}')
+        if getattr(ctx.args, "gradient_checkpointing", False):
+            logger.warning("activation-offload with gradient_checkpointing=True: the Trainer's checkpointing keeps "
+                           "checkpoint inputs on the GPU. Select the gradient-checkpointing plugin instead so that "
+                           "they are offloaded.")
+
+    def prepare_model(self, ctx, model):
+        opts = ctx.options(NAME)
+        off = ActivationOffloader(opts.target, opts.dir, opts.min_bytes, opts.prefetch_bytes, opts.kept_bytes(),
+                                  opts.max_pending_bytes)
+        handles = install(model, off)
+        ctx.state[NAME] = {"offloader": off, "hooks": handles}
+        logger.info("activation-offload: saved activations of the decoder go to %s", opts.target)
         return None
-    opts = ctx.options(NAME) or ActivationOffloadOptions()
-    off = ActivationOffloader(opts.target, opts.dir, opts.min_bytes, opts.prefetch_bytes, opts.kept_bytes(),
-                              opts.max_pending_bytes)
-    handles = install(model, off)
-    ctx.state[NAME] = {"offloader": off, "hooks": handles}
-    logger.info("activation-offload: saved activations of the decoder go to %s%s", opts.target,
-                " (checkpoint inputs only)" if ctx.is_selected("gradient-checkpointing") else "")
-    return None
+
+    def memory_model(self, plan, st):
+        opts = self.options_for(plan)
+        prefetch = float(opts.prefetch_bytes)
+        st.offload_acts = True
+        # on the GPU at a time: the layer being computed plus what backward prefetches, plus the forward's newest
+        # tensors, which are never offloaded (keep_bytes, default prefetch_bytes: 128 + 128 MiB by default)
+        st.offload_window = prefetch + float(opts.kept_bytes())
+        # a forward can produce activations faster than PCIe copies them out: they wait on the GPU, up to the cap
+        st.offload_pending = float(opts.max_pending_bytes) or float("inf")
+        stored = sum(c if r else a for a, c, r in zip(st.acts, st.ckpt, st.recompute))
+        if opts.target == "cpu":
+            st.host["activations offloaded (pinned)"] = stored
+        else:
+            st.host["activation staging (pinned; the rest on disk)"] = min(stored, 2 * prefetch + 2 * max(st.acts or [0]))
+            st.notes.append("activation-offload to disk: host RAM holds only staging buffers")
+        st.d2h_bytes += stored * plan.setup.grad_accum
+        st.h2d_bytes += stored * plan.setup.grad_accum
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(ActivationOffload())

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_lowmem import hookimpl
-from hf_lowmem.registry import PluginInfo
+from hf_lowmem import Plugin, hookimpl
 
 NAME = "adafactor"
 
@@ -55,31 +54,43 @@ class AdafactorOptions:
             raise ValueError(f"clip_threshold must be > 0, got {self.clip_threshold!r}")
 
 
+class AdafactorPlugin(Plugin):
+    name, kind, options, lossless = NAME, "optimizer", AdafactorOptions, False
+    help = "Adafactor (transformers): factored second moment, no first moment by default; fine-tuning defaults"
+
+    def optimizer_cls_and_kwargs(self, ctx, model):
+        from transformers.optimization import Adafactor
+
+        o = ctx.options(NAME)
+        return Adafactor, dict(
+            lr=None if o.relative_step else ctx.args.learning_rate, eps=tuple(o.eps),
+            clip_threshold=o.clip_threshold, decay_rate=o.decay_rate, beta1=o.beta1,
+            weight_decay=ctx.args.weight_decay, scale_parameter=o.scale_parameter,
+            relative_step=o.relative_step, warmup_init=o.warmup_init,
+        )
+
+    def create_optimizer(self, ctx, model, trainer):
+        from transformers.optimization import AdafactorSchedule
+
+        optimizer = super().create_optimizer(ctx, model, trainer)
+        if ctx.options(NAME).relative_step and getattr(trainer, "lr_scheduler", None) is None:
+            # the Trainer only builds a scheduler when it has none; a LambdaLR over lr=None would fail
+            trainer.lr_scheduler = AdafactorSchedule(optimizer)
+        return optimizer
+
+    def memory_model(self, plan, st):
+        sh = plan.shape
+        factored = sh.n_layers * sum(r + c for _, (r, c) in sh.layer_matrices) + sh.vocab + sh.hidden
+        vectors = sh.params_total - sh.n_layers * sh.linear_layer_params - sh.embed_params - sh.head_params
+        heads = 2 if sh.head_params else 1
+        st.states = 4 * (factored + (heads - 1) * (sh.vocab + sh.hidden) + vectors)
+        # unfused per-parameter update: the fp32 gradient, fp32 weight copy (for bf16 weights) and the update
+        pb = plan.setup.param_bytes
+        st.opt_ws = sh.largest_param * 4 * (3 if pb == 2 else 1)
+        st.opt_bytes_per_param = 4 * pb + 8
+        st.opt_kernel_factor = 4.0
+
+
 @hookimpl
 def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="optimizer", options=AdafactorOptions, lossless=False,
-        help="Adafactor (transformers): factored second moment, no first moment by default; fine-tuning defaults",
-    ))
-
-
-@hookimpl
-def hf_lowmem_create_optimizer(ctx, model, trainer):
-    if ctx.selected("optimizer") != NAME:
-        return None
-    from transformers.optimization import Adafactor, AdafactorSchedule
-
-    from hf_lowmem_plugins.core import trainer_param_groups
-
-    o = ctx.options(NAME) or AdafactorOptions()
-    groups = [g for g in trainer_param_groups(trainer, model) if g["params"]]
-    optimizer = Adafactor(
-        groups, lr=None if o.relative_step else ctx.args.learning_rate, eps=tuple(o.eps),
-        clip_threshold=o.clip_threshold, decay_rate=o.decay_rate, beta1=o.beta1,
-        weight_decay=ctx.args.weight_decay, scale_parameter=o.scale_parameter,
-        relative_step=o.relative_step, warmup_init=o.warmup_init,
-    )
-    if o.relative_step and getattr(trainer, "lr_scheduler", None) is None:
-        # the Trainer only builds a scheduler when it has none; a LambdaLR over lr=None would fail
-        trainer.lr_scheduler = AdafactorSchedule(optimizer)
-    return optimizer
+    register(AdafactorPlugin())

@@ -25,10 +25,9 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
 from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import MissingExtraError, PluginError
-from hf_lowmem.registry import PluginInfo
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -44,37 +43,14 @@ class SdpaOptions:
     enforce: bool = False
 
 
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=FLASH, kind="attention", requires=("flash_attn",), extra="flash-attn", needs_cuda=True,
-        help="FlashAttention 2 (flash-attn package) as the model's attention implementation",
-    ))
-    register(PluginInfo(
-        name=SDPA, kind="attention", options=SdpaOptions,
-        help="PyTorch SDPA (flash, else memory-efficient kernel), checked on the GPU to really run",
-    ))
-    register(PluginInfo(
-        name=AUTO, kind="attention", options=SdpaOptions,
-        help="flash-attn when the package imports and runs here, otherwise PyTorch SDPA",
-    ))
-
-
 # ---- helpers -------------------------------------------------------------------------------------------
 def set_attn_implementation(model, impl: str) -> None:
     """Set the attention implementation of this model instance (and its sub-models)."""
-    setter = getattr(model, "set_attn_implementation", None)
-    if callable(setter):
-        try:
-            setter(impl)
-            return
-        except (ImportError, ValueError) as e:
-            raise PluginError(f"transformers refused attention implementation {impl!r} for "
-                              f"{type(model).__name__}: {e}") from e
-    for module in model.modules():  # older transformers: set every config the model holds
-        cfg = getattr(module, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = impl
+    try:
+        model.set_attn_implementation(impl)
+    except (ImportError, ValueError) as e:
+        raise PluginError(f"transformers refused attention implementation {impl!r} for "
+                          f"{type(model).__name__}: {e}") from e
 
 
 def attn_implementation(model) -> str | None:
@@ -95,7 +71,7 @@ def _compute_dtype(ctx, model):
 
 
 def _head_dims(model):
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = model.config.get_text_config()
     heads = getattr(cfg, "num_attention_heads", None) or 1
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -194,47 +170,74 @@ def flash_attn_usable(ctx, model) -> tuple[bool, str]:
     return True, ""
 
 
-# ---- hooks ---------------------------------------------------------------------------------------------
-@hookimpl
-def hf_lowmem_validate(ctx):
-    name = ctx.selected("attention")
-    if name == FLASH:
-        import torch
+# ---- the plugins ---------------------------------------------------------------------------------------
+class _Attention(Plugin):
+    """An attention plugin: the transformers attention implementation it selects (``implementation``, which
+    the memory planner plans with) and how it is checked."""
 
-        if getattr(ctx.args, "use_cpu", False) or not torch.cuda.is_available():
-            raise PluginError("flash-attn needs a CUDA GPU; on this run choose sdpa (or auto-attention)")
+    kind = "attention"
+    implementation = "sdpa"
+
+    def plan_setup(self, plan):
+        import dataclasses
+
+        return dataclasses.replace(plan.setup, attn_impl=self.implementation)
+
+    def plan_variants(self):
+        return []  # kernels change speed, not the memory the planner counts: it never picks one on its own
+
+    def memory_model(self, plan, step):
+        return None  # the implementation is part of the setup (plan_setup)
 
 
-@hookimpl
-def hf_lowmem_prepare_model(ctx, model, stage):
-    if stage != "attention":
-        return None
-    name = ctx.selected("attention")
-    if name not in NAMES:
-        return None
-    if name == FLASH:
+class FlashAttention(_Attention):
+    name, requires, extra, needs_cuda = FLASH, ("flash_attn",), "flash-attn", True
+    help = "FlashAttention 2 (flash-attn package) as the model's attention implementation"
+    implementation = "flash_attention_2"
+
+    def prepare_model(self, ctx, model):
         ok, why = flash_attn_usable(ctx, model)
         if not ok:
             if why.startswith("flash_attn does not import"):
                 raise MissingExtraError(FLASH, "flash_attn", "flash-attn")
             raise PluginError(f"flash-attn cannot run here: {why}. Use bf16=True on an Ampere+ GPU, or choose sdpa.")
         set_attn_implementation(model, "flash_attention_2")
-        ctx.state[name] = {"implementation": "flash_attention_2"}
+        ctx.state[self.name] = {"implementation": "flash_attention_2"}
         return None
-    opts = ctx.options(name) or SdpaOptions()
-    if name == AUTO:
+
+
+class Sdpa(_Attention):
+    name, options = SDPA, SdpaOptions
+    help = "PyTorch SDPA (flash, else memory-efficient kernel), checked on the GPU to really run"
+
+    def prepare_model(self, ctx, model):
+        opts = ctx.options(self.name)
+        set_attn_implementation(model, "sdpa")
+        _check_sdpa(ctx, model, self.name, opts)
+        if opts.enforce:
+            _enforce_fused(model)
+        return None
+
+
+class AutoAttention(Sdpa):
+    name = AUTO
+    help = "flash-attn when the package imports and runs here, otherwise PyTorch SDPA"
+
+    def prepare_model(self, ctx, model):
         ok, why = flash_attn_usable(ctx, model)
         if ok:
             try:
                 set_attn_implementation(model, "flash_attention_2")
-                ctx.state[name] = {"implementation": "flash_attention_2"}
+                ctx.state[self.name] = {"implementation": "flash_attention_2"}
                 logger.info("auto-attention: using FlashAttention 2")
                 return None
             except PluginError as e:
                 why = str(e)
         logger.info("auto-attention: flash-attn not used (%s); using PyTorch SDPA", why)
-    set_attn_implementation(model, "sdpa")
-    _check_sdpa(ctx, model, name, opts)
-    if opts.enforce:
-        _enforce_fused(model)
-    return None
+        return super().prepare_model(ctx, model)
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    for plugin in (FlashAttention(), Sdpa(), AutoAttention()):
+        register(plugin)

@@ -29,15 +29,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
+from hf_lowmem.anatomy import lm_head, unwrap
 from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
 
 logger = logging.getLogger("hf_lowmem")
 
 NF4, INT8 = "bnb-nf4", "bnb-int8"
-NAMES = (NF4, INT8)
 
 
 @dataclass
@@ -72,18 +71,6 @@ class Bnb8bitOptions:
     def __post_init__(self):
         if float(self.threshold) < 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    common = dict(kind="quantization", requires=("bitsandbytes",), extra="bnb", lossless=False,
-                  modes=("single", "ddp"),
-                  incompatible={"stream": "the weight-streaming engine trains all parameters; bnb weights are frozen",
-                                "int8-weights": "one quantization plugin at a time"})
-    register(PluginInfo(name=NF4, options=Bnb4bitOptions, **common,
-                        help="frozen Linear weights in 4-bit NF4 (bitsandbytes Linear4bit), for adapter training"))
-    register(PluginInfo(name=INT8, options=Bnb8bitOptions, **common,
-                        help="frozen Linear weights in 8-bit LLM.int8 (bitsandbytes Linear8bitLt), for adapter training"))
 
 
 # ---- checks --------------------------------------------------------------------------------------------
@@ -194,7 +181,7 @@ def convert_model(model, name: str, opts, compute_dtype=None, device=None) -> li
     weight is). Returns the converted module names."""
     import torch
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = lm_head(model)
     skip = list(opts.skip_modules or [])
     converted = []
     for parent_name, parent in list(model.named_modules()):
@@ -231,16 +218,10 @@ def dequantized_weight(m):
     return out.to(dtype).cpu()
 
 
-def _unwrap(model):
-    while getattr(model, "module", None) is not None and model.module is not model:
-        model = model.module
-    return model
-
-
 def dequantize_state_dict(model, state_dict) -> int:
     """Replace the bitsandbytes entries of ``state_dict`` by ``<name>.weight`` in the original dtype."""
     n = 0
-    for name, m in _unwrap(model).named_modules():
+    for name, m in unwrap(model).named_modules():
         if not _is_bnb(m):
             continue
         prefix = f"{name}." if name else ""
@@ -271,51 +252,57 @@ def _training_device(ctx, model):
     return dev if dev.type == "cuda" else None
 
 
-# ---- hooks -------------------------------------------------------------------------------------------------
-@hookimpl
-def hf_lowmem_validate(ctx):
-    name = ctx.selected("quantization")
-    if name not in NAMES:
-        return
-    import torch
+# ---- the plugins -------------------------------------------------------------------------------------------
+class BnbQuantization(Plugin):
+    """``bnb-nf4`` or ``bnb-int8``: frozen Linear weights stored by bitsandbytes."""
 
-    if getattr(ctx.args, "use_cpu", False) or not torch.cuda.is_available():
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception:  # noqa: BLE001 - the core validation reports the missing extra
-            return
-        err = cpu_support_error(name)
-        if err:
-            raise PluginError(f"{name}: this bitsandbytes build cannot run on the CPU ({err}). Run on a CUDA GPU, "
-                              "or upgrade bitsandbytes (>= 0.48 has CPU kernels).")
+    kind, requires, extra, lossless, modes = "quantization", ("bitsandbytes",), "bnb", False, ("single", "ddp")
+    incompatible = {"stream": "the weight-streaming engine trains all parameters; bnb weights are frozen"}
 
+    def validate(self, ctx):
+        import torch
 
-@hookimpl
-def hf_lowmem_prepare_model(ctx, model, stage):
-    if stage != "quantization":
+        if getattr(ctx.args, "use_cpu", False) or not torch.cuda.is_available():
+            err = cpu_support_error(self.name)
+            if err:
+                raise PluginError(f"{self.name}: this bitsandbytes build cannot run on the CPU ({err}). Run on a CUDA "
+                                  "GPU, or upgrade bitsandbytes (>= 0.48 has CPU kernels).")
+
+    def prepare_model(self, ctx, model):
+        name, opts = self.name, ctx.options(self.name)
+        root = unwrap(model)
+        check_trainable(root, name)
+        converted = convert_model(root, name, opts, mixed_precision_dtype(ctx.args), _training_device(ctx, root))
+        if not converted:
+            raise PluginError(f"{name}: no frozen nn.Linear to quantize (skip_modules={opts.skip_modules}). Freeze the "
+                              "base weights (peft does) or drop the quantization plugin.")
+        ctx.state[name] = {"modules": converted}
+        logger.info("%s: %d frozen Linear modules quantized with bitsandbytes", name, len(converted))
         return None
-    name = ctx.selected("quantization")
-    if name not in NAMES:
-        return None
-    opts = ctx.options(name) or _default_options(name)
-    root = _unwrap(model)
-    check_trainable(root, name)
-    converted = convert_model(root, name, opts, mixed_precision_dtype(ctx.args), _training_device(ctx, root))
-    if not converted:
-        raise PluginError(f"{name}: no frozen nn.Linear to quantize (skip_modules={opts.skip_modules}). Freeze the "
-                          "base weights (peft does) or drop the quantization plugin.")
-    ctx.state[name] = {"modules": converted}
-    logger.info("%s: %d frozen Linear modules quantized with bitsandbytes", name, len(converted))
-    return None
+
+    def before_save(self, ctx, model, state_dict):
+        if not ctx.options(self.name).save_dequantized or hasattr(unwrap(model), "peft_config"):
+            return  # peft saves the adapters only
+        dequantize_state_dict(model, state_dict)
+
+    def plan_variants(self):
+        return []  # frozen base weights are for adapter training: never chosen for full-parameter training
+
+    def memory_model(self, plan, st):
+        sh, su = plan.shape, plan.setup
+        lin = sh.linear_layer_params * sh.n_layers
+        st.weights -= lin * su.param_bytes
+        st.weights += lin * (0.5 + 4 / 64) if self.name == NF4 else lin * (1 + 4 / 4096) + sum(
+            r for _, (r, _c) in sh.layer_matrices) * sh.n_layers * 4
+        st.grad_layer = [0.0] * sh.n_layers
+        st.notes.append(f"{self.name} freezes the quantized base weights (adapter training): their gradients are not "
+                        "counted (optimizer states still are, as if they trained); add your adapters' own")
 
 
 @hookimpl
-def hf_lowmem_before_save(ctx, model, state_dict):
-    name = ctx.selected("quantization")
-    if name not in NAMES:
-        return None
-    opts = ctx.options(name) or _default_options(name)
-    if not opts.save_dequantized or hasattr(_unwrap(model), "peft_config"):
-        return None  # peft saves the adapters only
-    dequantize_state_dict(model, state_dict)
-    return None
+def hf_lowmem_register(register):
+    register(BnbQuantization(name=NF4, options=Bnb4bitOptions,
+                             help="frozen Linear weights in 4-bit NF4 (bitsandbytes Linear4bit), for adapter training"))
+    register(BnbQuantization(name=INT8, options=Bnb8bitOptions,
+                             help="frozen Linear weights in 8-bit LLM.int8 (bitsandbytes Linear8bitLt), for adapter "
+                                  "training"))

@@ -8,10 +8,11 @@ layer's own forward under ``torch.utils.checkpoint.checkpoint(..., use_reentrant
 training with gradients enabled (evaluation and generation run the layer as is). KV-cache arguments are
 dropped inside checkpointed layers, since the recompute would write the cache a second time.
 
-With ``activation-offload`` also selected, checkpointed layers use the reentrant variant instead, because
-that one saves the layer's input through ``ctx.save_for_backward``: the offload plugin's saved-tensor hooks
-then move exactly the checkpoint inputs (one hidden state per layer) to host memory, which is the
-combination that pays off. Same arithmetic either way: the losses equal plain training.
+With a plugin that moves saved tensors through saved-tensor hooks (one that provides
+``"saved-tensor-hooks"``, such as ``activation-offload``), checkpointed layers use the reentrant variant
+instead, because that one saves the layer's input through ``ctx.save_for_backward``: those hooks then move
+exactly the checkpoint inputs (one hidden state per layer) to host memory, which is the combination that
+pays off. Same arithmetic either way: the losses equal plain training.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
+from hf_lowmem.anatomy import decoder_layers
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -38,58 +39,6 @@ class CheckpointingOptions:
     def __post_init__(self):
         if not isinstance(self.every_n, int) or isinstance(self.every_n, bool) or self.every_n < 1:
             raise ValueError(f"every_n must be an integer >= 1 (1 = checkpoint every layer), got {self.every_n!r}")
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="offload", options=CheckpointingOptions, lossless=True,
-        help="activation (gradient) checkpointing of every n-th decoder layer, non-reentrant, on the model instance",
-    ))
-
-
-@hookimpl
-def hf_lowmem_validate(ctx):
-    if not ctx.is_selected(NAME):
-        return
-    if getattr(ctx.args, "gradient_checkpointing", False):
-        raise PluginError(
-            "gradient_checkpointing=True and the gradient-checkpointing plugin would both checkpoint the layers. "
-            "Drop gradient_checkpointing=True (the plugin does the same, adds every_n and composes with "
-            "activation-offload), or drop the plugin."
-        )
-
-
-def decoder_layers(model):
-    """The repeated decoder blocks of a transformers model, in order.
-
-    ``GradientCheckpointingLayer`` instances where transformers marks them (every decoder of 5.x), else the
-    ``layers``/``h``/``blocks`` ModuleList of the decoder."""
-    import torch
-
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - older transformers
-        GradientCheckpointingLayer = None
-    if GradientCheckpointingLayer is not None:
-        found = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        if found:
-            return found
-    base = model
-    for getter in ("get_decoder",):
-        if hasattr(base, getter):
-            try:
-                base = getattr(base, getter)() or base
-            except Exception:  # noqa: BLE001 - some wrappers raise for models without a decoder
-                pass
-    for attr in ("layers", "h", "blocks"):
-        mods = getattr(base, attr, None)
-        if isinstance(mods, torch.nn.ModuleList) and len(mods):
-            return list(mods)
-    for mods in model.modules():
-        if isinstance(mods, torch.nn.ModuleList) and len(mods) > 1 and len({type(m) for m in mods}) == 1:
-            return list(mods)
-    return []
 
 
 def _checkpointed_forward(layer, *args, **kwargs):
@@ -148,14 +97,36 @@ def remove_checkpointing(layer) -> None:
     layer.__dict__.pop("_hf_lowmem_reentrant", None)
 
 
-@hookimpl
-def hf_lowmem_prepare_model(ctx, model, stage):
-    if stage != "offload" or not ctx.is_selected(NAME):
+class GradientCheckpointing(Plugin):
+    name, kind, options, lossless = NAME, "offload", CheckpointingOptions, True
+    help = "activation (gradient) checkpointing of every n-th decoder layer, non-reentrant, on the model instance"
+
+    def validate(self, ctx):
+        if getattr(ctx.args, "gradient_checkpointing", False):
+            raise PluginError(
+                "gradient_checkpointing=True and the gradient-checkpointing plugin would both checkpoint the layers. "
+                "Drop gradient_checkpointing=True (the plugin does the same, adds every_n and composes with "
+                "activation-offload), or drop the plugin."
+            )
+
+    def prepare_model(self, ctx, model):
+        opts = ctx.options(NAME)
+        reentrant = ctx.provides("saved-tensor-hooks")
+        chosen = apply_checkpointing(model, opts.every_n, reentrant=reentrant)
+        ctx.state[NAME] = {"layers": chosen, "reentrant": reentrant}
+        logger.info("gradient-checkpointing: %d of %d decoder layers checkpointed%s", len(chosen),
+                    len(decoder_layers(model)), " (reentrant, inputs offloaded)" if reentrant else "")
         return None
-    opts = ctx.options(NAME) or CheckpointingOptions()
-    reentrant = ctx.is_selected("activation-offload")
-    chosen = apply_checkpointing(model, opts.every_n, reentrant=reentrant)
-    ctx.state[NAME] = {"layers": chosen, "reentrant": reentrant}
-    logger.info("gradient-checkpointing: %d of %d decoder layers checkpointed%s", len(chosen),
-                len(decoder_layers(model)), " (reentrant, inputs offloaded)" if reentrant else "")
-    return None
+
+    def plan_variants(self):
+        return [{}, {"every_n": 2}, {"every_n": 4}]
+
+    def memory_model(self, plan, step):
+        from hf_lowmem.planner import checkpoint_layers
+
+        checkpoint_layers(plan, step, self.options_for(plan).every_n)
+
+
+@hookimpl
+def hf_lowmem_register(register):
+    register(GradientCheckpointing())

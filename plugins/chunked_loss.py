@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
+from hf_lowmem.anatomy import decoder, lm_head, unwrap
 from hf_lowmem.context import mixed_precision_dtype
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
 
 NAME = "chunked-loss"
 IGNORE_INDEX = -100
@@ -49,24 +49,6 @@ class ChunkedLossOptions:
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1 (tokens per chunk), got {self.chunk_size!r}")
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="offload", options=ChunkedLossOptions, lossless=True, modes=("single",),
-        help="causal-LM loss computed in token chunks (LM head + cross-entropy, recomputed in backward): "
-             "the full logits are never materialised",
-    ))
-
-
-@hookimpl
-def hf_lowmem_validate(ctx):
-    if not ctx.is_selected(NAME):
-        return
-    if getattr(ctx.args, "label_smoothing_factor", 0.0):
-        raise PluginError("chunked-loss computes the plain cross-entropy; it cannot apply label_smoothing_factor="
-                          f"{ctx.args.label_smoothing_factor}. Set label_smoothing_factor=0 or drop chunked-loss.")
 
 
 def _make_function():
@@ -184,14 +166,6 @@ def _logit_post(config):
     return post
 
 
-def _unwrap(model):
-    while True:
-        inner = getattr(model, "module", None)  # DDP / accelerate wrappers
-        if inner is None or inner is model:
-            return model
-        model = inner
-
-
 def _autocast_region(device_type: str, dtype):
     """``torch.autocast(device_type, dtype)``, or a no-op when ``dtype`` is ``None`` or autocast is already on."""
     import torch
@@ -209,7 +183,7 @@ def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_s
     ``None``: as called (nothing added)."""
     import torch
 
-    model = _unwrap(model)
+    model = unwrap(model)
     device_type = inputs["input_ids"].device.type if torch.is_tensor(inputs.get("input_ids")) else \
         next(model.parameters()).device.type
     with _autocast_region(device_type, autocast_dtype):
@@ -219,9 +193,8 @@ def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_s
 def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int):
     import torch
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    if head is None or decoder is None or not hasattr(head, "weight"):
+    head, base = lm_head(model), decoder(model)
+    if head is None or base is None or not hasattr(head, "weight"):
         raise PluginError(f"chunked-loss needs a causal LM with get_decoder() and a linear output head; "
                           f"{type(model).__name__} has none. Drop chunked-loss for this model.")
     labels = inputs.get("labels")
@@ -230,7 +203,7 @@ def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int):
         raise PluginError("chunked-loss needs `labels` in the batch (the data collator must provide them)")
     kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
     kwargs["use_cache"] = False
-    out = decoder(**kwargs)
+    out = base(**kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -264,10 +237,36 @@ def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 
     return total / denom
 
 
+class ChunkedLoss(Plugin):
+    name, kind, options, lossless, modes = NAME, "offload", ChunkedLossOptions, True, ("single",)
+    help = ("causal-LM loss computed in token chunks (LM head + cross-entropy, recomputed in backward): "
+            "the full logits are never materialised")
+
+    def validate(self, ctx):
+        if getattr(ctx.args, "label_smoothing_factor", 0.0):
+            raise PluginError("chunked-loss computes the plain cross-entropy; it cannot apply label_smoothing_factor="
+                              f"{ctx.args.label_smoothing_factor}. Set label_smoothing_factor=0 or drop chunked-loss.")
+
+    def compute_loss(self, ctx, model, inputs, num_items_in_batch):
+        return causal_lm_chunked_loss(model, inputs, num_items_in_batch, ctx.options(NAME).chunk_size,
+                                      autocast_dtype=mixed_precision_dtype(ctx.args))
+
+    def memory_model(self, plan, st):
+        """Forward keeps per-chunk loss sums (one chunk's logits, their fp32 copy and log-softmax at a time);
+        backward allocates the hidden-state gradient and an fp32 head-weight gradient, then per chunk
+        recomputes the logits (compute dtype), their fp32 copy, the softmax gradient and its cast back."""
+        su = plan.setup
+        C = min(int(self.options_for(plan).chunk_size), su.tokens)
+        V, H, T = plan.shape.vocab, plan.shape.hidden, su.tokens
+        e = su.compute_bytes
+        per_row_fwd = (e + 4 + 4) if e != 4 else 8
+        per_row_bwd = (2 * e + 8) if e != 4 else 8
+        cast = 2 * V * H if su.amp else 0  # autocast's bf16 copy of the head weight, while a chunk runs
+        st.logits_fwd = C * V * per_row_fwd + cast
+        st.logits_bwd = T * H * e + V * H * 4 + C * V * per_row_bwd + cast
+        st.head_cache = 0.0
+
+
 @hookimpl
-def hf_lowmem_compute_loss(ctx, model, inputs, num_items_in_batch):
-    if not ctx.is_selected(NAME):
-        return None
-    opts = ctx.options(NAME) or ChunkedLossOptions()
-    return causal_lm_chunked_loss(model, inputs, num_items_in_batch, opts.chunk_size,
-                                  autocast_dtype=mixed_precision_dtype(ctx.args))
+def hf_lowmem_register(register):
+    register(ChunkedLoss())

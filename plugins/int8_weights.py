@@ -24,10 +24,13 @@ Bytes per parameter of a converted Linear: 1 (int8) + 4 / block_size (scales; 0.
 weight, instead of 2 (bf16) or 6 (bf16 + fp32 master); plus the gradient in the model's dtype and the
 optimizer's states, as in any run (with bnb-adamw8bit: ~1.03 + 2 + 2 = ~5 bytes/param instead of 16).
 
-Saving restores the original precision: ``hf_lowmem_before_save`` replaces ``<name>.weight_int8`` and
+Saving restores the original precision: the plugin's ``before_save`` replaces ``<name>.weight_int8`` and
 ``<name>.weight_scale`` with ``<name>.weight`` in the original dtype, so a saved folder is a standard
 transformers checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Loading such a state dict
 into a converted model re-quantizes it (round to nearest). Lossy (int8 storage): ``lossless=False``.
+
+(Over 400 lines: the quantization arithmetic, the module that stores its weight in int8 (autograd function,
+moves, state dict), the layer-by-layer optimizer step and the plugin belong together; each part is small.)
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
+from hf_lowmem.anatomy import decoder_layers, embeddings, lm_head, unwrap
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -65,16 +68,6 @@ class Int8WeightsOptions:
             raise ValueError(f"master_dtype must be 'float32' or 'bfloat16', got {self.master_dtype!r}")
         if not isinstance(self.modules, (list, tuple)) or not all(isinstance(m, str) for m in self.modules):
             raise ValueError("modules must be a list of module-name suffixes, e.g. ['q_proj', 'v_proj']")
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="quantization", options=Int8WeightsOptions, lossless=False, modes=("single", "ddp"),
-        incompatible={"stream": "the weight-streaming engine keeps its own weight masters and optimizer step"},
-        help="trainable Linear weights stored in int8 (block absmax), updated in fp32 one layer at a time and "
-             "written back with stochastic rounding; saved in the original dtype",
-    ))
 
 
 # ---- quantization ------------------------------------------------------------------------------------------
@@ -274,21 +267,15 @@ def int8_linear_class():
 
 
 # ---- conversion -----------------------------------------------------------------------------------------
-def _unwrap(model):
-    while getattr(model, "module", None) is not None and model.module is not model:
-        model = model.module
-    return model
-
-
 def convert_model(model, block_size: int = 128, include_lm_head: bool = False, modules=()) -> list[str]:
     """Swap the trainable ``nn.Linear`` modules of ``model`` for :class:`Int8Linear` (instance change).
     Returns the converted module names."""
     import torch
 
     Int8Linear = int8_linear_class()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = lm_head(model)
     shared = set()
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    emb = embeddings(model)
     if emb is not None and getattr(emb, "weight", None) is not None:
         shared.add(id(emb.weight))
     converted = []
@@ -312,14 +299,14 @@ def convert_model(model, block_size: int = 128, include_lm_head: bool = False, m
 
 def int8_modules(model) -> list[tuple[str, object]]:
     Int8Linear = int8_linear_class()
-    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, Int8Linear)]
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, Int8Linear)]
 
 
 def restore_model(model):
     """Swap every :class:`Int8Linear` back for a ``nn.Linear`` in the original dtype (after training)."""
     import torch
 
-    root = _unwrap(model)
+    root = unwrap(model)
     for name, m in int8_modules(root):
         parent = root.get_submodule(name.rsplit(".", 1)[0]) if "." in name else root
         lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
@@ -342,19 +329,13 @@ def dequantize_state_dict(model, state_dict) -> None:
         state_dict[prefix + "weight"] = dequantize(q, scale, m._dtype)
 
 
-def _layer_key(name: str) -> str:
-    """Group modules by decoder layer: the name up to its first numeric component ("model.layers.3")."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return name
-
-
 def layer_groups(model) -> list[list]:
-    groups: dict[str, list] = {}
+    """The int8 modules grouped by decoder layer (a module outside the layers, e.g. the LM head, alone), in
+    model order: what the optimizer updates together."""
+    layer_of = {id(m): i for i, layer in enumerate(decoder_layers(unwrap(model))) for m in layer.modules()}
+    groups: dict = {}
     for name, m in int8_modules(model):
-        groups.setdefault(_layer_key(name), []).append(m)
+        groups.setdefault(layer_of.get(id(m), name), []).append(m)
     return list(groups.values())
 
 
@@ -434,7 +415,7 @@ def _callback(ctx):
 
             if optimizer is None or model is None:
                 raise PluginError("int8-weights: the Trainer gave no optimizer/model to wrap at the start of training")
-            opts = ctx.options(NAME) or Int8WeightsOptions()
+            opts = ctx.options(NAME)
             mods = int8_modules(model)
             device = mods[0][1].weight_int8.device if mods else torch.device("cpu")
             gen = torch.Generator(device=device)
@@ -445,33 +426,52 @@ def _callback(ctx):
     return Int8WeightsCallback()
 
 
-# ---- hooks -------------------------------------------------------------------------------------------------
-@hookimpl
-def hf_lowmem_prepare_model(ctx, model, stage):
-    if stage != "quantization" or ctx.selected("quantization") != NAME:
+# ---- the plugin ----------------------------------------------------------------------------------------------
+class Int8Weights(Plugin):
+    name, kind, options, lossless, modes = NAME, "quantization", Int8WeightsOptions, False, ("single", "ddp")
+    incompatible = {"stream": "the weight-streaming engine keeps its own weight masters and optimizer step"}
+    help = ("trainable Linear weights stored in int8 (block absmax), updated in fp32 one layer at a time and "
+            "written back with stochastic rounding; saved in the original dtype")
+
+    def prepare_model(self, ctx, model):
+        opts = ctx.options(NAME)
+        converted = convert_model(unwrap(model), opts.block_size, opts.include_lm_head, opts.modules)
+        if not converted:
+            raise PluginError("int8-weights found no trainable nn.Linear to convert"
+                              + (f" matching modules={opts.modules}" if opts.modules else "")
+                              + "; it stores trainable weights in int8, so it needs a model whose Linear weights train.")
+        n = sum(m.weight.numel() for _, m in int8_modules(model))
+        ctx.state.setdefault(NAME, {}).update({"modules": converted, "params": n})
+        logger.info("int8-weights: %d Linear modules (%.1fM params) stored in int8", len(converted), n / 1e6)
         return None
-    opts = ctx.options(NAME) or Int8WeightsOptions()
-    converted = convert_model(_unwrap(model), opts.block_size, opts.include_lm_head, opts.modules)
-    if not converted:
-        raise PluginError("int8-weights found no trainable nn.Linear to convert"
-                          + (f" matching modules={opts.modules}" if opts.modules else "")
-                          + "; it stores trainable weights in int8, so it needs a model whose Linear weights train.")
-    n = sum(m.weight.numel() for _, m in int8_modules(model))
-    ctx.state.setdefault(NAME, {}).update({"modules": converted, "params": n})
-    logger.info("int8-weights: %d Linear modules (%.1fM params) stored in int8", len(converted), n / 1e6)
-    return None
+
+    def callbacks(self, ctx):
+        return [_callback(ctx)]
+
+    def before_save(self, ctx, model, state_dict):
+        dequantize_state_dict(model, state_dict)
+
+    def memory_model(self, plan, st):
+        sh, su, opts = plan.shape, plan.setup, self.options_for(plan)
+        block = int(opts.block_size)
+        master = 2 if opts.master_dtype == "bfloat16" else 4
+        lin = sh.linear_layer_params * sh.n_layers
+        rows = sum(r for _, (r, _c) in sh.layer_matrices) * sh.n_layers
+        scales = lin / block * 4 if block else rows * 4
+        st.weights += lin * 1 + scales - lin * su.param_bytes
+        if opts.include_lm_head and sh.head_params:
+            st.weights += sh.head_params * (1 + 4 / max(block, 1) - su.param_bytes)
+        st.cache = [0.0] * sh.n_layers  # the dequantised weights are not autocast-cached leaves
+        big = max((r * c for _, (r, c) in sh.layer_matrices), default=0)
+        st.fwd_ws = [w + big * (4 + su.compute_bytes) for w in st.fwd_ws]
+        st.bwd_ws = [(a + big * (4 + su.compute_bytes), b + big * (4 + su.compute_bytes)) for a, b in st.bwd_ws]
+        # the update runs one layer at a time on dequantised masters (and upcast gradients)
+        st.opt_ws += sh.linear_layer_params * (master + 4)
+        st.dequant_bytes += lin * (1 + su.compute_bytes) * 3  # forward, backward, write-back
+        st.notes.append(f"int8-weights: decoder projections stored int8 + an fp32 scale per {block or 'row'} columns; "
+                        "gradients in the model's dtype; one layer's masters exist during its update")
 
 
 @hookimpl
-def hf_lowmem_callbacks(ctx):
-    if ctx.selected("quantization") != NAME:
-        return None
-    return [_callback(ctx)]
-
-
-@hookimpl
-def hf_lowmem_before_save(ctx, model, state_dict):
-    if ctx.selected("quantization") != NAME:
-        return None
-    dequantize_state_dict(model, state_dict)
-    return None
+def hf_lowmem_register(register):
+    register(Int8Weights())

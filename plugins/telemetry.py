@@ -2,7 +2,7 @@
 
 On by default (``LowMemTrainingArguments(lowmem_telemetry=True)``; ``--lowmem_telemetry false`` turns it
 off). This module registers no named plugin: it only contributes a callback through
-``hf_lowmem_callbacks``. At every training log it adds
+the event ``hf_lowmem_callbacks``, which every loaded module hears. At every training log it adds
 
 ``lowmem/gpu_peak_alloc_gib``, ``lowmem/gpu_peak_reserved_gib``
     peak GPU memory since the process started, as ``torch.cuda.max_memory_allocated`` / ``..._reserved``
@@ -43,6 +43,7 @@ import time
 from typing import Any
 
 from hf_lowmem import hookimpl
+from hf_lowmem.anatomy import embeddings, lm_head
 from hf_lowmem.context import mixed_precision_dtype
 
 logger = logging.getLogger("hf_lowmem")
@@ -76,8 +77,7 @@ def device_peak_tflops(name: str, fp32: bool = False) -> float | None:
 def matmul_params(model: Any) -> int:
     """Parameters that take part in matmuls: all but the input embedding's, plus a tied LM head."""
     total = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb, out = embeddings(model), lm_head(model)
     n_emb = sum(p.numel() for p in emb.parameters()) if emb is not None else 0
     tied = emb is not None and out is not None and getattr(out, "weight", None) is getattr(emb, "weight", 0)
     return total - n_emb + (out.weight.numel() if tied else 0)
@@ -275,12 +275,11 @@ class TelemetryMixin:
             import torch
 
             s["gpu_total_gib"] = round(torch.cuda.get_device_properties(self.device).total_memory / GiB, 2)
-        plan = getattr(args, "_lowmem_plan_summary", None)
-        if plan:
-            s["planned"] = {"plugins": plan.get("plugins"),
-                            "gpu_peak_alloc_gib": round(plan["gpu_peak_allocated"] / GiB, 3),
-                            "gpu_total_gib": round(plan["gpu_total"] / GiB, 3),
-                            "host_total_gib": round(plan["host_total"] / GiB, 3)}
+        plan = getattr(self.ctx, "plan", None)
+        if plan is not None and plan.chosen is not None:
+            e = plan.chosen.estimate
+            s["planned"] = {"plugins": plan.chosen.label, "gpu_peak_alloc_gib": round(e.gpu_peak_allocated / GiB, 3),
+                            "gpu_total_gib": round(e.gpu_total / GiB, 3), "host_total_gib": round(e.host_total / GiB, 3)}
         return s
 
     def summary_text(self) -> str:

@@ -179,11 +179,11 @@ def test_declared_incompatibilities_and_modes():
     from hf_lowmem.context import resolve_selection
     from hf_lowmem.errors import PluginError
     from hf_lowmem.plugins import load_plugins
-    from hf_lowmem.registry import PluginInfo
+    from hf_lowmem.registry import Plugin
     from hf_lowmem_plugins import core, galore
 
     fake_stream = types.SimpleNamespace(hf_lowmem_register=lambda register: register(
-        PluginInfo(name="stream", kind="offload", engine=True)))
+        Plugin(name="stream", kind="offload", engine=True)))
     host = load_plugins(entry_points=False, extra_plugins=[("core", core), ("galore", galore), ("stream_stub", fake_stream)])
     for name in galore.VARIANTS:
         with pytest.raises(PluginError, match="cannot be combined.*own optimizer"):
@@ -200,13 +200,12 @@ def test_layerwise_refuses_fp16():
     from types import SimpleNamespace
 
     from hf_lowmem.errors import PluginError
-    from hf_lowmem_plugins import galore
+    from hf_lowmem.plugins import get_plugin_host
 
-    ctx = SimpleNamespace(args=SimpleNamespace(fp16=True), selected=lambda kind: "galore-adamw-layerwise")
+    ctx = SimpleNamespace(args=SimpleNamespace(fp16=True))
     with pytest.raises(PluginError, match="bf16"):
-        galore.hf_lowmem_validate(ctx=ctx)
-    ctx.selected = lambda kind: "galore-adamw"
-    galore.hf_lowmem_validate(ctx=ctx)  # the Trainer's scaler unscales before a normal optimizer step
+        get_plugin_host().registry["galore-adamw-layerwise"].validate(ctx)
+    get_plugin_host().registry["galore-adamw"].validate(ctx)  # the Trainer's scaler unscales before a normal step
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -142,20 +142,14 @@ def test_missing_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_missing_bitsandbytes_at_optimizer_creation_names_the_extra(tmp_path, monkeypatch):
-    """The create hook checks too (a host that skipped validation still gets the install hint)."""
-    from types import SimpleNamespace
-
+    """Optimizer creation checks too (a host that skipped validation still gets the install hint)."""
     from hf_lowmem.errors import MissingExtraError
-    from hf_lowmem.plugins import get_plugin_host
-    from hf_lowmem_plugins import bnb_optim
+    from hf_lowmem.testing import make_context
 
-    args = train_args(tmp_path, lowmem_optimizer="bnb-lion8bit")
-    host = get_plugin_host()
-    ctx = SimpleNamespace(args=args, selected=lambda kind: "bnb-lion8bit", info=lambda n: host.registry[n],
-                          options=lambda n: None)
+    ctx = make_context(lowmem_optimizer="bnb-lion8bit")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(MissingExtraError, match=r"hf-lowmem\[bnb\]"):
-        bnb_optim.hf_lowmem_create_optimizer(ctx=ctx, model=tiny_model(), trainer=None)
+        ctx.plugin("optimizer").create_optimizer(ctx, tiny_model(), trainer=None)
 
 
 def test_registry_declares_the_plugins():

@@ -107,7 +107,7 @@ def test_layer_activations_equal_what_autograd_saves(precision, attn, n_kv):
     three, _ = _saved_bytes(precision, attn, n_kv, layers=3)
     measured_per_layer = (three - one) / 2
     setup = TrainSetup(micro_batch=2, seq_len=32, precision=precision, attn_impl=attn, device="cpu")
-    predicted = planner._layer_activation_bytes(shape, setup, setup.tokens)
+    predicted = planner.layer_activation_bytes(shape, setup, setup.tokens)
     if setup.amp:  # autocast's bf16 copies of the weights are saved too; the planner counts them as weights
         predicted += 2 * shape.linear_layer_params
     assert predicted == pytest.approx(measured_per_layer, rel=0.01)
@@ -246,8 +246,8 @@ def test_state_bytes_equal_the_prediction_with_gradients_present():
             opt.step()
     shape = load_model_shape(model)
     setup = TrainSetup(micro_batch=2, seq_len=64, precision="fp32", device="cpu")
-    st = planner._base_step(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
-    planner._adamw_states(PlanInput(shape, setup, {}), st)
+    st = planner.base_step(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
+    planner.adamw_states(PlanInput(shape, setup, {}), st)
     w, g, s = _state_bytes(model, opt)
     assert (w, g, s) == (st.weights, sum(st.grad_layer) + st.grad_embed + st.grad_head + st.grad_other, st.states)
 
@@ -383,40 +383,47 @@ def test_no_plan_fits_names_the_smallest_budget_and_that_budget_works(host):
 
 
 def test_a_plugin_can_bring_its_own_memory_model():
-    from hf_lowmem import PluginInfo, hookimpl
+    from hf_lowmem import Plugin, hookimpl
     from hf_lowmem.plugins import load_plugins
 
-    class Tiny:
+    class ZeroStateSGD(Plugin):
         """A third-party optimizer with no states at all, and its memory model."""
 
+        name, kind, lossless = "zero-state-sgd", "optimizer", False
+
+        def memory_model(self, plan, step):
+            step.states = 0
+            step.notes.append("zero-state-sgd keeps no state")
+
+    class Tiny:
         @hookimpl
         def hf_lowmem_register(self, register):
-            register(PluginInfo(name="zero-state-sgd", kind="optimizer", lossless=False))
-
-        @hookimpl
-        def hf_lowmem_estimate_memory(self, plan, name, options, estimate):
-            if name != "zero-state-sgd":
-                return None
-            gpu = dict(estimate.gpu)
-            gpu["optimizer states"] = 0
-            return estimate.replace(gpu=gpu, notes=estimate.notes + ["zero-state-sgd keeps no state"])
+            register(ZeroStateSGD())
 
     class NoModel:
         @hookimpl
         def hf_lowmem_register(self, register):
-            register(PluginInfo(name="mystery-opt", kind="optimizer"))
+            register(Plugin(name="mystery-opt", kind="optimizer"))
 
     h = load_plugins(extra_plugins=[("tiny", Tiny()), ("nomodel", NoModel())])
+    assert not h.failures, [str(f) for f in h.failures]
     shape = load_model_shape("smollm2-135m")
     setup = TrainSetup(micro_batch=1, seq_len=512)
-    inp = PlanInput(shape, setup, {"optimizer": ("zero-state-sgd",)})
-    est = estimate_memory(inp, h)
-    assert est.gpu.get("optimizer states") == 0 and "zero-state-sgd keeps no state" in est.notes
+    est = estimate_memory(PlanInput(shape, setup, {"optimizer": ("zero-state-sgd",)}), h)
+    adamw = estimate_memory(PlanInput(shape, setup, {"optimizer": ("adamw",)}), h)
+    assert est.gpu.get("optimizer states", 0) == 0 and "zero-state-sgd keeps no state" in est.notes
+    assert adamw.gpu["optimizer states"] == 2 * 4 * shape.params_total
+    assert est.gpu_peak_allocated < adamw.gpu_peak_allocated
     plan = plan_training(shape, setup, parse_size("80GiB"), parse_size("64GiB"), host=h, check_installed=False)
     names = {n for c in plan.candidates for n in c.inp.names()}
-    assert "zero-state-sgd" in names and "mystery-opt" not in names  # no memory model: never planned
+    assert "zero-state-sgd" in names and "mystery-opt" not in names  # no memory model: never picked on its own
     unknown = estimate_memory(PlanInput(shape, setup, {"optimizer": ("mystery-opt",)}), h)
-    assert any("mystery-opt" in n and "no memory model" in n for n in unknown.notes)
+    assert "plugin 'mystery-opt' has no memory model: its effect is not counted" in unknown.notes
+    # chosen by the user, it is still planned, and the plan says what is not counted
+    required = plan_training(shape, setup, parse_size("80GiB"), parse_size("64GiB"), host=h, check_installed=False,
+                             require={"optimizer": ["mystery-opt"]})
+    assert required.ok and required.chosen.inp.selected("optimizer") == "mystery-opt"
+    assert any("'mystery-opt' has no memory model" in n for n in required.chosen.estimate.notes)
 
 
 # ---- the arguments and the CLI ------------------------------------------------------------------------------------
@@ -434,7 +441,7 @@ def test_lowmem_gpu_memory_selects_the_plan_and_training_runs(tmp_path):
     trainer = LowMemTrainer(model=model, args=args, train_dataset=RandomTokens(seq=16))
     chosen = trainer.lowmem_ctx.selection.names()
     assert chosen and chosen != ["adamw"], chosen
-    assert args._lowmem_plan_summary["gpu_total"] <= budget
+    assert trainer.lowmem_ctx.plan.chosen.estimate.gpu_total <= budget
     trainer.train()
     assert trainer.state.global_step == 4
 

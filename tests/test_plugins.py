@@ -68,26 +68,25 @@ def site(tmp_path, monkeypatch):
 
 
 def optimizer_plugin(name: str, marker: str | None = None) -> str:
-    """Source of a plugin module registering optimizer ``name``; if ``marker`` is given it also
-    answers ``create_optimizer`` for ``adamw`` with that string (to observe call order)."""
+    """Source of a plugin module registering optimizer ``name`` (it records the ``hf_lowmem_validate`` event in
+    ``CALLS``); if ``marker`` is given, its optimizer is that string (to observe who is asked)."""
     src = f"""
-        from hf_lowmem import hookimpl, PluginInfo
+        from hf_lowmem import hookimpl, Plugin
         CALLS = []
+
+        class Opt(Plugin):
+            name, kind, help = {name!r}, "optimizer", "test plugin"
+
+            def create_optimizer(self, ctx, model, trainer):
+                return {marker!r}
 
         @hookimpl
         def hf_lowmem_register(register):
-            register(PluginInfo(name={name!r}, kind="optimizer", help="test plugin"))
+            register(Opt())
 
         @hookimpl
         def hf_lowmem_validate(ctx):
             CALLS.append({name!r})
-        """
-    if marker:
-        src += f"""
-        @hookimpl
-        def hf_lowmem_create_optimizer(ctx, model, trainer):
-            if ctx.selected("optimizer") == "adamw":
-                return {marker!r}
         """
     return src
 
@@ -143,28 +142,63 @@ def test_core_never_imports_first_party_plugins_directly():
         assert not re.search(r"^\s*(from|import)\s+hf_lowmem_plugins", text, re.M), path
 
 
-def test_every_hook_is_documented():
+def test_every_hook_and_plugin_method_is_documented():
     hooks = [(n, f) for n, f in vars(spec).items() if n.startswith("hf_lowmem_") and callable(f)]
-    assert len(hooks) >= 7
-    for name, fn in hooks:
+    methods = [(n, f) for n, f in vars(spec.Plugin).items() if callable(f) and not n.startswith("_")
+               and n in ("validate", "prepare_model", "callbacks", "create_engine", "optimizer_cls_and_kwargs",
+                         "create_optimizer", "compute_loss", "before_save", "plan_variants", "plan_setup",
+                         "memory_model")]
+    assert len(hooks) >= 5 and len(methods) == 11
+    for name, fn in hooks + methods:
         doc = inspect.getdoc(fn) or ""
         assert len(doc) > 80, f"{name} has no reference docstring"
         for param in inspect.signature(fn).parameters:
-            assert f":param {param}:" in doc, f"{name} does not document {param}"
+            assert param == "self" or f":param {param}:" in doc, f"{name} does not document {param}"
         assert ":return:" in doc, f"{name} does not document its return contract"
         assert name == "hf_lowmem_register" or name in spec.__doc__, f"{name} missing from the call-order overview"
 
 
 # ---- ordering -------------------------------------------------------------------------------------------
-def test_third_party_implementations_run_before_first_party(site):
+def test_third_party_modules_hear_events_before_first_party(site):
+    make_dist(site, "zeta-plugins", {"zeta_mod": """
+        from hf_lowmem import hookimpl
+
+        @hookimpl
+        def hf_lowmem_callbacks(ctx):
+            return ["zeta's callback"]
+        """}, {"zeta": "zeta_mod"})
+    host = load_plugins()
+    order = [impl.plugin_name for impl in reversed(host.pm.hook.hf_lowmem_callbacks.get_hookimpls())]
+    assert order.index("zeta") < order.index("telemetry")
+    ctx = ctx_for(host)
+    ctx.args.lowmem_telemetry = False
+    assert host.callbacks(ctx=ctx) == ["zeta's callback"]  # a module that registers no plugin hears it too
+
+
+def test_only_the_selected_plugin_is_asked_for_what_its_kind_provides(site):
     make_dist(site, "zeta-plugins", {"zeta_mod": optimizer_plugin("zeta-opt", marker="from zeta")},
               {"zeta": "zeta_mod"})
     host = load_plugins()
-    call_order = [impl.plugin_name for impl in reversed(host.pm.hook.hf_lowmem_create_optimizer.get_hookimpls())]
-    assert call_order.index("zeta") < call_order.index("core")
-    # and it matters: for a firstresult hook the third-party answer wins over core's AdamW
-    ctx = ctx_for(host, optimizer=["adamw"])
-    assert host.create_optimizer(ctx=ctx, model=None, trainer=None) == "from zeta"
+    asked = []
+
+    def recorder(name):
+        return lambda ctx, model, trainer: asked.append(name) or name
+
+    for name in host.registry.names("optimizer"):  # record every optimizer plugin that is asked
+        host.registry[name].create_optimizer = recorder(name)
+    assert host.create_optimizer(ctx=ctx_for(host, optimizer=["zeta-opt"]), model=None, trainer=None) == "zeta-opt"
+    assert host.create_optimizer(ctx=ctx_for(host), model=None, trainer=None) is None  # none selected: the Trainer's
+    assert asked == ["zeta-opt"]
+    # a module-level hook of the 0.1 API that became a plugin method is refused with the way to migrate
+    make_dist(site, "old-dist", {"old_mod": """
+        from hf_lowmem import hookimpl
+
+        @hookimpl
+        def hf_lowmem_create_optimizer(ctx, model, trainer):
+            return None
+        """}, {"old": "old_mod"})
+    failure = next(f for f in load_plugins().failures if f.entry_point == "old")
+    assert "not an event any more" in failure.error and "'optimizer_cls_and_kwargs or create_optimizer'" in failure.error
 
 
 def test_registration_order_is_deterministic(site):
@@ -386,7 +420,7 @@ def test_duplicate_plugin_names_keep_the_first_and_report_the_second(site):
     assert "'dup-opt' is registered twice: by aaa and by bbb" in host.failures[0].error
     assert host.registry["dup-opt"].distribution == "aaa-dist"
     assert not host.pm.has_plugin("bbb")  # none of the loser's hooks run
-    assert host.create_optimizer(ctx=ctx_for(host, optimizer=["adamw"]), model=None, trainer=None) == "aaa"
+    assert host.create_optimizer(ctx=ctx_for(host, optimizer=["dup-opt"]), model=None, trainer=None) == "aaa"
 
 
 def test_a_third_party_plugin_cannot_take_a_first_party_name(site):
@@ -414,7 +448,7 @@ def test_registering_something_that_is_not_plugin_info(site):
             register({"name": "x", "kind": "optimizer"})
         """}, {"notinfo": "notinfo_mod"})
     host = load_plugins()
-    assert "takes a PluginInfo, got dict" in host.failures[0].error
+    assert "takes a hf_lowmem.Plugin object, got dict" in host.failures[0].error
 
 
 # ---- real installs: the example third-party plugin, and a broken one ----------------------------------------------
@@ -539,6 +573,62 @@ def test_lowmem_trainer_uses_the_installed_example_plugin(installed, site, tmp_p
             del sys.modules[name]
         importlib.invalidate_caches()
         reset_plugin_host()
+
+
+def _run_installed(installed, *argv, timeout=300):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_LOWMEM_")}
+    env["PYTHONPATH"] = str(installed)
+    return subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_the_planner_plans_the_example_plugin_with_its_own_memory_model(installed):
+    import json
+
+    cli = str(Path(sys.executable).parent / "hf-lowmem")
+    argv = [cli, "plan", "--model", "smollm2-135m", "--gpu-memory", "8GiB", "--host-memory", "64GiB",
+            "--require", "example-sgd", "--json"]
+    r = _run_installed(installed, *argv)
+    assert r.returncode == 0, r.stderr
+    chosen = json.loads(r.stdout)["chosen"]
+    assert chosen["arguments"]["lowmem_optimizer"] == "example-sgd" and chosen["fits"]
+    # the plugin's own model: one momentum buffer per parameter, fp32 (bf16-mixed keeps fp32 weights)
+    assert chosen["gpu_gib"]["optimizer states"] == round(134_515_008 * 4 / 2**30, 3)
+    assert not any("not counted" in n for n in chosen["notes"])
+    r = _run_installed(installed, *argv, "--options", '{"example-sgd": {"momentum": 0}}')
+    assert r.returncode == 0, r.stderr
+    assert "optimizer states" not in json.loads(r.stdout)["chosen"]["gpu_gib"]  # no momentum, no state
+
+
+def test_the_example_plugins_own_tests_pass(installed):
+    r = _run_installed(installed, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "3 passed" in r.stdout
+
+
+def test_the_readme_walks_through_a_plugin_with_a_memory_model_and_its_test(tmp_path, monkeypatch):
+    """The "Writing a plugin" section of README.md runs as written, in under 80 lines of code."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Writing a plugin"):readme.index("\n## ", readme.index("## Writing a plugin") + 3)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    code_lines = [line for _, block in blocks for line in block.splitlines() if line.strip()]
+    assert len(code_lines) < 80, len(code_lines)
+    plugin_src, test_src = [b for lang, b in blocks if lang == "python"]
+    assert "my_sgd = \"my_package.plugin\"" in blocks[0][1]
+    package = tmp_path / "my_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text(plugin_src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace: dict = {}
+    exec(compile(test_src, "README test", "exec"), namespace)
+    try:
+        namespace["test_trains_like_plain_sgd_and_the_memory_model_holds"](tmp_path / "run")
+    finally:
+        for name in [m for m in sys.modules if m.startswith("my_package")]:
+            del sys.modules[name]
 
 
 def torch_optim():

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_lowmem.plugins as plugins_mod
-from hf_lowmem import LowMemTrainer, LowMemTrainingArguments, PluginInfo, hookimpl, lowmem_args_class, lowmem_trainer_class
+from hf_lowmem import LowMemTrainer, LowMemTrainingArguments, Plugin, PluginInfo, hookimpl, lowmem_args_class, lowmem_trainer_class
 from hf_lowmem.errors import PluginError
 from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
 
@@ -92,9 +92,20 @@ class RecordingCallback(TrainerCallback):
 def recording_plugin(log: list, *, fail_validate: bool = False, replace_model: bool = False):
     mod = types.ModuleType("recording_plugin")
 
+    class RecSGD(Plugin):
+        name, kind, help = "rec-sgd", "optimizer", "SGD, recording every hook call"
+
+        def create_optimizer(self, ctx, model, trainer):
+            log.append("create_optimizer")
+            return torch.optim.SGD(model.parameters(), lr=ctx.args.learning_rate)
+
+        def compute_loss(self, ctx, model, inputs, num_items_in_batch):
+            log.append("compute_loss")
+            return None  # leave it to the Trainer
+
     @hookimpl
     def hf_lowmem_register(register):
-        register(PluginInfo(name="rec-sgd", kind="optimizer", help="SGD, recording every hook call"))
+        register(RecSGD())
         register(PluginInfo(name="rec-offload", kind="offload", help="does nothing, records"))
 
     @hookimpl
@@ -116,18 +127,6 @@ def recording_plugin(log: list, *, fail_validate: bool = False, replace_model: b
     def hf_lowmem_callbacks(ctx):
         log.append("callbacks")
         return [RecordingCallback()] if ctx.is_selected("rec-sgd") else None
-
-    @hookimpl
-    def hf_lowmem_create_optimizer(ctx, model, trainer):
-        log.append("create_optimizer")
-        if ctx.selected("optimizer") == "rec-sgd":
-            return torch.optim.SGD(model.parameters(), lr=ctx.args.learning_rate)
-        return None
-
-    @hookimpl
-    def hf_lowmem_compute_loss(ctx, model, inputs, num_items_in_batch):
-        log.append("compute_loss")
-        return None  # leave it to the Trainer
 
     @hookimpl
     def hf_lowmem_before_save(ctx, model, state_dict):

@@ -22,7 +22,9 @@ through two documented paths, either is enough:
 - the module protocol: a module whose weights are stored differently defines
   ``hf_lowmem_dequantized_state(self) -> dict[str, Tensor]`` giving its standard state (names relative to
   the module, e.g. ``{"weight": w}`` for a replaced ``nn.Linear``) in the original precision. That works
-  on a bare model object, with no run context.
+  on a bare model object, with no run context. It is for third-party modules: hf-lowmem's own plugins
+  (``int8-weights``, ``bnb-nf4``, ``bnb-int8``) do not implement it, so their models export through the
+  save hook: from the trainer, its saved folder, or with ``ctx=``.
 
 Formats (``OUT`` is a folder; each also gets the config, generation config, tokenizer files and
 ``hf_lowmem_export.json``, the report below):

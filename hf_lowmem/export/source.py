@@ -97,16 +97,10 @@ def _is_trainer(obj: Any) -> bool:
 
 
 def unwrap_model(model):
-    """The model inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    import torch
+    """The model inside DDP / DataParallel / FSDP / DeepSpeed / ``torch.compile`` wrappers."""
+    from hf_lowmem.anatomy import unwrap
 
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    return unwrap(model)
 
 
 def _strip_wrappers(key: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hf_lowmem.plugins as plugins_mod
-from hf_lowmem import LowMemTrainer, PluginInfo, hookimpl
+from hf_lowmem import LowMemTrainer, Plugin, hookimpl
 from hf_lowmem.errors import PluginError, PluginLoadError
 from tests.faults.tinyrun import snapshot
 from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
@@ -72,15 +72,17 @@ def plugin_module(name: str, **hooks) -> types.ModuleType:
 
 
 def rogue_module(calls: list):
+    class RogueSGD(Plugin):
+        name, kind, help = "rogue-sgd", "optimizer", "SGD, and it would answer every optimizer request"
+
+        def create_optimizer(self, ctx, model, trainer):
+            calls.append(ctx.selected("optimizer"))
+            return torch.optim.SGD(model.parameters(), lr=0.5)  # ignores the selection
+
     def hf_lowmem_register(register):
-        register(PluginInfo(name="rogue-sgd", kind="optimizer", help="SGD, and it answers every optimizer request"))
+        register(RogueSGD())
 
-    def hf_lowmem_create_optimizer(ctx, model, trainer):
-        calls.append(ctx.selected("optimizer"))
-        return torch.optim.SGD(model.parameters(), lr=0.5)  # ignores the selection
-
-    return plugin_module("rogue", hf_lowmem_register=hf_lowmem_register,
-                         hf_lowmem_create_optimizer=hf_lowmem_create_optimizer)
+    return plugin_module("rogue", hf_lowmem_register=hf_lowmem_register)
 
 
 @pytest.mark.parametrize("selected", ["adamw", None, "rogue-sgd"])
@@ -99,13 +101,13 @@ def test_a_create_optimizer_that_ignores_the_selection_cannot_replace_the_users_
 
 
 def test_a_selected_optimizer_plugin_that_returns_nothing_is_an_error(tmp_path, monkeypatch):
+    class LazyOpt(Plugin):
+        name, kind, help = "lazy-opt", "optimizer", "returns None"
+
     def hf_lowmem_register(register):
-        register(PluginInfo(name="lazy-opt", kind="optimizer", help="returns None"))
+        register(LazyOpt())
 
-    def hf_lowmem_create_optimizer(ctx, model, trainer):
-        return None
-
-    mod = plugin_module("lazy", hf_lowmem_register=hf_lowmem_register, hf_lowmem_create_optimizer=hf_lowmem_create_optimizer)
+    mod = plugin_module("lazy", hf_lowmem_register=hf_lowmem_register)
     host = plugins_mod.load_plugins(extra_plugins=[("lazy", mod)])
     monkeypatch.setattr(plugins_mod, "_default_host", host)
     trainer = LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, max_steps=1, lowmem_optimizer="lazy-opt"),

@@ -1,24 +1,26 @@
 """An example third-party hf-lowmem plugin: ``example-sgd``, SGD with momentum as an optimizer plugin.
 
-It shows the whole plugin surface a small plugin needs:
+It shows the whole surface a small plugin needs, as one :class:`hf_lowmem.Plugin` object:
 
-* ``hf_lowmem_register`` declares the plugin: its name, kind, options (a dataclass, so a misspelled
-  option is an error listing the valid ones), and the distributed modes it supports;
-* ``hf_lowmem_create_optimizer`` builds the optimizer when the plugin is selected;
-* ``hf_lowmem_callbacks`` adds a Trainer callback (here: it counts optimizer steps in ``ctx.state``).
+* attributes declare it: its name, kind, options (a dataclass, so a misspelled option is an error listing
+  the valid ones), and the distributed modes it supports;
+* ``optimizer_cls_and_kwargs`` says which optimizer to build; the Trainer builds it with its own
+  parameter groups (weight decay split);
+* ``callbacks`` adds a Trainer callback (here: it counts optimizer steps in ``ctx.state``);
+* ``memory_model`` tells the memory planner what it costs (one momentum buffer per parameter), so
+  ``hf-lowmem plan --require example-sgd`` and ``lowmem_gpu_memory`` plan it like a built-in optimizer.
 
-Nothing heavy is imported at module level: torch and transformers are imported inside the hooks.
-Select it with ``LowMemTrainingArguments(lowmem_optimizer="example-sgd",
-lowmem_options={"example-sgd": {"momentum": 0.8}})`` or ``--lowmem_optimizer example-sgd`` on the command line.
+The module registers the object from ``hf_lowmem_register``, the hook its entry point names. Nothing heavy
+is imported at module level: torch and transformers are imported inside the methods. Select it with
+``LowMemTrainingArguments(lowmem_optimizer="example-sgd", lowmem_options={"example-sgd": {"momentum": 0.8}})``
+or ``--lowmem_optimizer example-sgd`` on the command line. Its tests (``tests/``) use ``hf_lowmem.testing``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hf_lowmem import PluginInfo, hookimpl
-
-NAME = "example-sgd"
+from hf_lowmem import Plugin, hookimpl
 
 
 @dataclass
@@ -35,43 +37,38 @@ class ExampleSGDOptions:
             raise ValueError("nesterov needs a momentum above 0")
 
 
+class ExampleSGD(Plugin):
+    name, kind, options, lossless = "example-sgd", "optimizer", ExampleSGDOptions, False
+    help = "SGD with momentum (example third-party plugin)"
+    # only what has been tried: DeepSpeed brings its own optimizer handling, so it is not declared
+    modes = ("single", "ddp", "fsdp")
+
+    def optimizer_cls_and_kwargs(self, ctx, model):
+        import torch
+
+        opts = ctx.options(self.name)
+        return torch.optim.SGD, {"lr": ctx.args.learning_rate, "momentum": opts.momentum, "nesterov": opts.nesterov}
+
+    def callbacks(self, ctx):
+        from transformers import TrainerCallback
+
+        # ctx.state is scratch space for the run, keyed by plugin name: here, what the optimizer did
+        record = ctx.state.setdefault(self.name, {"steps": 0, "momentum": ctx.options(self.name).momentum})
+
+        class CountSteps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                record["steps"] += 1
+
+        return [CountSteps()]
+
+    def memory_model(self, plan, step):
+        """SGD keeps one momentum buffer per parameter, in the parameter's dtype (none without momentum); its
+        update reads the weight, gradient and buffer and writes the weight and buffer."""
+        momentum = self.options_for(plan).momentum > 0
+        step.states = plan.shape.params_total * plan.setup.param_bytes if momentum else 0
+        step.opt_bytes_per_param = (5 if momentum else 3) * plan.setup.param_bytes
+
+
 @hookimpl
 def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="optimizer", help="SGD with momentum (example third-party plugin)",
-        options=ExampleSGDOptions, lossless=False,
-        # only what has been tried: DeepSpeed brings its own optimizer handling, so it is not declared
-        modes=("single", "ddp", "fsdp"),
-    ))
-
-
-@hookimpl
-def hf_lowmem_create_optimizer(ctx, model, trainer):
-    if ctx.selected("optimizer") != NAME:
-        return None  # not ours: let the other plugins (or the Trainer) answer
-    import torch
-
-    opts = ctx.options(NAME)
-    decay = set(trainer.get_decay_parameter_names(model))
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if n in decay], "weight_decay": ctx.args.weight_decay},
-        {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=ctx.args.learning_rate, momentum=opts.momentum, nesterov=opts.nesterov)
-
-
-@hookimpl
-def hf_lowmem_callbacks(ctx):
-    if not ctx.is_selected(NAME):
-        return None
-    from transformers import TrainerCallback
-
-    # ctx.state is scratch space for the run, keyed by plugin name: here, what the optimizer did
-    record = ctx.state.setdefault(NAME, {"steps": 0, "momentum": ctx.options(NAME).momentum})
-
-    class CountSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            record["steps"] += 1
-
-    return [CountSteps()]
+    register(ExampleSGD())
