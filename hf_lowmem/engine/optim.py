@@ -35,6 +35,7 @@ class StreamAdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0, state_format: str = "fp32"):
         if state_format not in ("fp32", "8bit"):
             raise ValueError(f"state_format must be 'fp32' or '8bit', got {state_format!r}")
+        check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(param_groups, defaults)
         self.engine = engine
@@ -60,18 +61,43 @@ class StreamAdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy a checkpoint's states into the host buffers the engine streams from, in place. Each state must
+        have the dtype and shape of the buffer it replaces (a uint8 8-bit state stays uint8); a mismatch, e.g. a
+        checkpoint of another optimizer or state format, is refused with one line naming the first difference."""
+        from hf_lowmem.errors import PluginError
+
         self.engine.discard_pending()
-        for st in self.state.values():  # the states being replaced
-            for k, v in st.items():
-                if torch.is_tensor(v) and k != "step":
-                    self.engine.dev.release(v)
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():  # back to pinned host memory, where the engine streams from
-            for k, v in list(st.items()):
-                if torch.is_tensor(v) and k != "step":
-                    st[k] = self.engine.dev.pin(v.detach().to("cpu").contiguous())
-            if "step" in st:
-                st["step"] = torch.as_tensor(float(st["step"]), dtype=torch.float32)
+        groups = state_dict.get("param_groups")
+        saved_state = state_dict.get("state")
+        if groups is None or saved_state is None or len(groups) != len(self.param_groups):
+            raise PluginError("the optimizer state in this checkpoint is not a stream-engine AdamW state with "
+                              f"{len(self.param_groups)} parameter group(s); resume with the optimizer and stream "
+                              "options the checkpoint was written with, or start without resume_from_checkpoint")
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            st = self.ensure_state(p)
+            saved = saved_state.get(i, saved_state.get(str(i)))
+            if saved is None:
+                raise PluginError(f"the checkpoint's optimizer state has no entry for parameter {i}; it was written "
+                                  "for another model or optimizer")
+            want = {k for k in st if k != "step"}
+            if set(saved) - {"step"} != want:
+                raise PluginError(f"the checkpoint's optimizer state of parameter {i} has {sorted(set(saved) - {'step'})}, "
+                                  f"this run keeps {sorted(want)} (state format {self.state_format!r}); resume with the "
+                                  "stream 'states' option and optimizer the checkpoint was written with")
+            for k in want:
+                src, dst = saved[k], st[k]
+                if not torch.is_tensor(src) or src.dtype != dst.dtype or tuple(src.shape) != tuple(dst.shape):
+                    got = f"{src.dtype} {tuple(src.shape)}" if torch.is_tensor(src) else type(src).__name__
+                    raise PluginError(f"optimizer state {k!r} of parameter {i}: the checkpoint has {got}, this run "
+                                      f"keeps {dst.dtype} {tuple(dst.shape)}; resume with the settings it was saved with")
+            for k in want:
+                st[k].copy_(saved[k])
+            st["step"] = torch.as_tensor(float(saved.get("step", 0)), dtype=torch.float32)
+        for group, sg in zip(self.param_groups, groups):
+            for k, v in sg.items():
+                if k != "params":
+                    group[k] = v
 
     # ---- states ----------------------------------------------------------------------------------------
     def group_of(self, p: torch.Tensor) -> dict:
@@ -138,6 +164,28 @@ class StreamAdamW(torch.optim.Optimizer):
         adamw([master], [grad], [states["exp_avg"]], [states["exp_avg_sq"]], [], [step_t],
               fused=_fused_ok(master), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps,
               maximize=False)
+
+
+def check_hyperparameters(*, lr: float, betas, eps: float, weight_decay: float) -> None:
+    """Refuse, as ``torch.optim.AdamW`` does, hyperparameters that would train to NaN; one line each, naming the
+    training argument to change."""
+    from hf_lowmem.errors import PluginError
+
+    def bad(v, lo=0.0, hi=math.inf, hi_open=False):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return True
+        return not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi))
+
+    if bad(lr):
+        raise PluginError(f"learning_rate must be a finite number >= 0, got {lr!r}; set e.g. learning_rate=2e-5")
+    if len(tuple(betas)) != 2 or any(bad(b, 0.0, 1.0, hi_open=True) for b in betas):
+        raise PluginError(f"AdamW betas must be two numbers in [0, 1), got {tuple(betas)!r}; set adam_beta1/adam_beta2")
+    if bad(eps):
+        raise PluginError(f"adam_epsilon must be a finite number >= 0, got {eps!r}")
+    if bad(weight_decay):
+        raise PluginError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
 def _fused_ok(t: torch.Tensor) -> bool | None:

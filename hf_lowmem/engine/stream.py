@@ -453,9 +453,9 @@ class StreamEngine:
         scaled = num_items is not None and getattr(self.trainer, "model_accepts_loss_kwargs", True)
         if scaled:
             n_items = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-            scales = [1.0 / n_items] * B
+            scales = [_inverse(n_items)] * B
         else:
-            scales = [1.0 / (float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
+            scales = [_inverse(float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
         n_layers = self.anat.num_layers
 
         # 1. forward, block-major
@@ -601,6 +601,12 @@ class StreamEngine:
         self._slot_read_ev[k] = ev
         self.dev.wait(ev)
         return t
+
+
+def _inverse(n: float) -> float:
+    """The loss scale of ``n`` labelled tokens. A window (or micro-batch) whose labels are all masked gets a zero
+    loss and zero gradients, as a plain Trainer does, instead of a division by zero."""
+    return 1.0 / n if n > 0 else 0.0
 
 
 def _available_host_bytes() -> int:

@@ -32,8 +32,32 @@ class StreamOptions:
     def __post_init__(self):
         if self.states not in ("auto", "fp32", "8bit"):
             raise ValueError(f"states must be auto, fp32 or 8bit, got {self.states!r}")
-        if int(self.loss_chunk_tokens) < 1:
-            raise ValueError("loss_chunk_tokens must be >= 1")
+        _check_int(self, "loss_chunk_tokens", 1)
+        for name in ("check_memory", "profile"):
+            if not isinstance(getattr(self, name), bool):  # "no" is a true string: refuse it instead of guessing
+                raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
+        for name in ("gpu_memory", "host_memory"):
+            _check_size(name, getattr(self, name))
+
+
+def _check_int(opts, name: str, lo: int) -> None:
+    v = getattr(opts, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_size(name: str, value) -> None:
+    """A size option is read here, at construction, so a bad one fails before any model is touched."""
+    if value is None:
+        return
+    if str(value).strip().startswith("-"):
+        raise ValueError(f"{name} must be positive, got {value!r}; write a size like '32GiB'")
+    from hf_lowmem.errors import PluginError
+
+    try:
+        parse_bytes(value, name)
+    except PluginError as e:  # the registry reports ValueError as a bad option, with the plugin's name
+        raise ValueError(str(e)) from None
 
 
 def parse_bytes(text: str | int | float | None, what: str = "size") -> int | None:
