@@ -40,8 +40,13 @@ def hf_lowmem_register(register):
 def hf_lowmem_create_engine(ctx, model, trainer):
     if not ctx.is_selected("stream"):
         return None
-    from hf_lowmem.engine.stream import StreamEngine
     from hf_lowmem_plugins.core import trainer_param_groups
 
-    return StreamEngine(model, ctx.args, trainer=trainer, options=ctx.options("stream"),
-                        optimizer_name=ctx.selected("optimizer"), param_groups=trainer_param_groups(trainer, model))
+    from hf_lowmem.engine.config import EngineSpec
+    from hf_lowmem.engine.stream import StreamEngine
+
+    opt = ctx.selected("optimizer")
+    spec = EngineSpec.from_training(ctx.args, trainer=trainer, options=ctx.options("stream"), optimizer_name=opt,
+                                    optimizer_options=ctx.options(opt) if opt else None,
+                                    param_groups=trainer_param_groups(trainer, model))
+    return StreamEngine(model, spec)

@@ -146,16 +146,18 @@ def test_dropout_is_refused(tmp_path):
 
 def test_host_budget_refused_with_both_numbers(tmp_path):
     args = train_args(tmp_path, lowmem_offload=["stream"], lowmem_host_memory="64KB")
-    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB of host memory in all \(fp32 master weights .*\), "
-                                                 r"but the declared host budget is 0.0 GiB"):
+    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB of host memory in all: .* GiB more \(.*\) on top of "
+                                                 r"the .* GiB this process tree uses, but the declared host budget is "
+                                                 r"0.0 GiB\. Use the compact tier"):
         LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens())
 
 
 def test_available_memory_checked_when_no_budget_is_declared(tmp_path, monkeypatch):
-    import hf_lowmem.engine.stream as st
+    import hf_lowmem.engine.hostmem as hm
 
-    monkeypatch.setattr(st, "_available_host_bytes", lambda: 1024)
-    with pytest.raises(MemoryBudgetError, match=r"more for optimizer states .* but the memory available now"):
+    monkeypatch.setattr(hm, "available_bytes", lambda: 1024)
+    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB more host memory \(fp32 optimizer states .*\), but the "
+                                                 r"memory available now is 0.0 GiB"):
         LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, lowmem_offload=["stream"]), train_dataset=RandomTokens())
 
 
