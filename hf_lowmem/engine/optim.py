@@ -81,7 +81,7 @@ class StreamAdamW(torch.optim.Optimizer):
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for g in self.param_groups:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]})
-        with_masters = self.store.master_dtype != (self.store.original_dtype or self.store.master_dtype)
+        with_masters = self.store.master_dtype != self.store.save_dtype  # the weights file cannot restore them
         blocks = []
         for k in range(len(self.store.layouts)):
             entry = {"step": self.steps[k], "numel": self.store.layouts[k].numel, "states": dict(self.store.states(k))}

@@ -123,6 +123,14 @@ class BlockStore:
         #: dtype the model's floating-point weights had when adopted (what checkpoints and save_model write)
         self.original_dtype: torch.dtype | None = None
 
+    @property
+    def save_dtype(self) -> torch.dtype:
+        """The dtype checkpoints and ``save_model`` write weights in: bf16 when the masters or the model as given
+        were bf16 (a bf16 checkpoint stays bf16), else the model's own dtype."""
+        if torch.bfloat16 in (self.master_dtype, self.original_dtype):
+            return torch.bfloat16
+        return self.original_dtype or self.master_dtype
+
     # ---- building ------------------------------------------------------------------------------------------
     def adopt(self) -> None:
         """Move every parameter into its block's master buffer, block by block, freeing each original as it

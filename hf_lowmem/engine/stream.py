@@ -152,7 +152,7 @@ class StreamEngine:
         self.optimizer = StreamAdamW(groups, self, self.store, lr=osp.lr, betas=osp.betas, eps=osp.eps,
                                      weight_decay=osp.weight_decay, seed=spec.seed)
         # checkpoints and save_model: sharded safetensors in the original dtype, written from the host buffers
-        model.save_pretrained = functools.partial(save_pretrained_streaming, model, save_dtype=self.store.original_dtype,
+        model.save_pretrained = functools.partial(save_pretrained_streaming, model, save_dtype=self.store.save_dtype,
                                                   original=model.save_pretrained)
 
     def _checkpointing_off(self, model: torch.nn.Module) -> bool:
