@@ -108,12 +108,13 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
         "logits": max(16 * C * V, C * V * (4 + cb) + V * H * cb), "inputs": inputs,
     }
     # backward of a group of n layers, micro-batch i, differentiating layer j (0 = the top one): the group's
-    # weights, the next group's masters prefetched, the fp32 gradient sums of the group (from the second
+    # weights, the next group's first masters prefetched (the others follow after the micro-batches), the fp32
+    # gradient sums of the group (from the second
     # micro-batch on), the window's output gradients, the stashed input h and the recomputed output; the saved
     # activations of the n - j layers not yet differentiated + that layer's temporaries, the weight gradients
     # of the j layers above it (held until autograd.grad returns) and its first weight gradient; at the end of
     # autograd.grad all the group's weight gradients (compute dtype) + dh
-    base = {"weights": n * lay * cb, "transfer_buffers": n * max(lay, emb) * mw, "hidden_states": hid + 2 * one,
+    base = {"weights": n * lay * cb, "transfer_buffers": max(lay, emb) * mw, "hidden_states": hid + 2 * one,
             "gradients": shared, "inputs": inputs}
     accs = n * lay * 4 if B > 1 else 0
     starts = {}

@@ -432,8 +432,8 @@ class StreamEngine:
         for g in range(pool.groups - 1, -1, -1):
             ks = pool.group_layers(g)
             Ws = {k: self._load(k) for k in reversed(ks)}
-            for k in reversed(pool.group_layers(g - 1) if g > 0 else [0]):
-                self._prefetch(k)
+            nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
+            self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -449,6 +449,8 @@ class StreamEngine:
                     for (k, n), gr in zip(order, grads[1:]):
                         self._accumulate(k, accs[k], n, gr)
                 del out, grads, h
+            for k in nxt[1:]:
+                self._prefetch(k)
             for k in reversed(ks):
                 sumsq = self._store_grads(k, accs[k], sumsq)
             del leaves_of, accs
