@@ -48,7 +48,7 @@ GiB = 2**30
 class HostMemSampler:
     """Samples the memory of the tree rooted at ``pid`` (default: this process) every ``interval`` seconds."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.25):
+    def __init__(self, pid: int | None = None, interval: float = 1.0):
         self.pid = os.getpid() if pid is None else pid
         self.interval = interval
         self._stop = threading.Event()
