@@ -217,3 +217,31 @@ def test_gpu_pinned_engine_with_two_fork_workers_stays_within_its_host_bound(tmp
     assert res["max_child_processes"] >= 2
     assert res["host_used_gib"] * GiB <= pinned + 3 * GiB, res
     assert len(workers) >= 2 and all(pss < 1 * GiB for pss in workers.values()), workers
+
+
+def test_stash_every_auto_takes_the_smallest_group_that_fits_the_host_budget(tmp_path, monkeypatch):
+    """With ``stash_every="auto"`` the engine compares what the process tree uses plus each candidate's stash
+    and gradient slots with the declared budget, and takes the smallest n that fits; none fitting is refused."""
+    import hf_lowmem.engine.hostmem as hm
+    from hf_lowmem.engine import preflight
+    from hf_lowmem.errors import MemoryBudgetError
+
+    kw = dict(max_steps=2, gradient_accumulation_steps=2, lowmem_offload=["stream"], lowmem_host_memory="1TiB")
+    mk = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=64, max_position_embeddings=256)
+    data = RandomTokens(seq=256)  # windows large enough for the stash to outweigh the stored gradients
+    t = LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path / "a", **kw), train_dataset=data)
+    eng = t.lowmem_engine
+    window = 2 * 256 * 2
+    sizes = {n: preflight._pool_bytes(eng, window, n) for n in (1, 2, 3)}
+    assert sizes[1] > sizes[2] > sizes[3]
+    tree = 5 * GiB
+    monkeypatch.setattr(hm, "tree_memory", lambda pid=None: {"pss": tree, "rss": tree, "private": tree, "processes": 1,
+                                                              "by_pid": {}})
+    eng.options.host_memory = f"{tree + sizes[2]}B"  # fits n=2, not n=1
+    t.train()
+    assert eng.stash_every == 2
+    t2 = LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path / "b", **kw), train_dataset=data)
+    t2.lowmem_engine.options.host_memory = f"{tree + 1024}B"  # fits nothing
+    with pytest.raises(MemoryBudgetError, match=r"activation stash and stored gradients, stash_every=4 .* the "
+                                                 r"declared host budget is 5.0 GiB"):
+        t2.train()
