@@ -69,6 +69,9 @@ class BlockLayout:
     #: local name -> (owner block, owner's Slot) for a parameter this block uses but an earlier block owns (tied)
     shared: dict[str, tuple[int, Slot]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.by_name = {s.name: s for s in self.slots}
+
 
 def state_shapes(layout: BlockLayout, states: str) -> dict[str, tuple[int, torch.dtype]]:
     """Name -> (elements, dtype) of a block's optimizer-state buffers in format ``states``."""

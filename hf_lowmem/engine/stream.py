@@ -26,6 +26,10 @@ One optimizer step (an accumulation window of ``B`` micro-batches)
 All copies run on two side streams (host-to-device, device-to-host), ordered with events, so they overlap
 compute. On a CPU-only run the same code path runs with plain copies, which is what the tests compare
 against a plain ``Trainer``.
+
+This module is the schedule only (over 400 lines because forward, head, grouped backward, the fetch/update
+pipeline and the gradient hand-off share the engine's event bookkeeping); storage is in ``store`` and
+``hostmem``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and ``estimate``.
 """
 
 from __future__ import annotations
@@ -520,7 +524,7 @@ class StreamEngine:
             acc.shared[name] = g.float() if prev is None and g.dtype != torch.float32 else (
                 g.clone() if prev is None else prev.add_(g))
             return
-        s = next(s for s in lay.slots if s.name == name)
+        s = lay.by_name[name]
         if acc.flat is None:
             acc.flat = torch.zeros(acc.numel, device=acc.device, dtype=torch.float32)
         acc.flat[s.offset: s.offset + s.numel].view(s.shape).add_(g)
