@@ -180,9 +180,9 @@ def test_tree_memory_counts_children():
 @pytest.mark.gpu
 def test_gpu_pinned_engine_with_two_fork_workers_stays_within_its_host_bound(tmp_path):
     """Page-locked memory is copied into a forked child at fork time; the engine's is not mapped there at all.
-    A 337M-parameter model keeps ~4 GiB pinned (fp32 masters + fp32 AdamW states); with 2 fork workers the whole
-    process tree must stay within that + 3 GiB (Python, CUDA, the workers), and each worker under 1 GiB. Before
-    the fix each worker held its own copy of the 4 GiB."""
+    A 337M-parameter model keeps ~3.8 GiB pinned (fp32 masters + fp32 AdamW states); with 2 fork workers the whole
+    process tree must stay within that + 4 GiB (Python, CUDA, the workers), and each worker under 1 GiB. Before
+    the fix each worker held its own copy of the 3.8 GiB (~11 GiB + the process in all)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from hostmem import HostMemSampler
     from transformers import TrainerCallback
@@ -215,7 +215,7 @@ def test_gpu_pinned_engine_with_two_fork_workers_stays_within_its_host_bound(tmp
         mp.set_start_method(old, force=True)
     res = sampler.result()
     assert res["max_child_processes"] >= 2
-    assert res["host_used_gib"] * GiB <= pinned + 3 * GiB, res
+    assert res["host_used_gib"] * GiB <= pinned + 4 * GiB, res
     assert len(workers) >= 2 and all(pss < 1 * GiB for pss in workers.values()), workers
 
 
