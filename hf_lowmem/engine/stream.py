@@ -543,6 +543,8 @@ class StreamEngine:
             sumsq = sumsq + torch.linalg.vector_norm(flat[s.offset: s.offset + s.numel], dtype=torch.float32) ** 2
         slot, region = self.pool.grad_region(k)
         after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
+        if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
+            return sumsq
         if self.formats.grads == "8bit":
             n = lay.numel
             codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
