@@ -22,6 +22,7 @@ from transformers import Trainer
 from hf_lowmem.args import LowMemFields, upgrade_args
 from hf_lowmem.context import LowMemContext, distributed_mode
 from hf_lowmem.errors import PluginError
+from hf_lowmem.hyperparams import check_training_arguments
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -34,7 +35,7 @@ class LowMemTrainerMixin:
         if args is not None and not isinstance(args, LowMemFields):
             logger.info("hf-lowmem: upgrading %s to %s", type(args).__name__, "LowMem" + type(args).__name__)
         args = upgrade_args(args)
-        _check_hyperparameters(args)
+        check_training_arguments(args)
         if plugin_host is None:
             from hf_lowmem.plugins import get_plugin_host, load_plugins
 
@@ -180,24 +181,6 @@ class LowMemTrainerMixin:
         state_dict = dict(state_dict)
         self.lowmem_ctx.host.before_save(ctx=self.lowmem_ctx, model=self.model, state_dict=state_dict)
         return super()._save(output_dir, state_dict=state_dict)
-
-
-def _check_hyperparameters(args) -> None:
-    """Refuse a learning rate, weight decay, Adam beta or epsilon that no optimizer can use, before any work
-    (torch's AdamW refuses some of them only once training starts; an engine's optimizer would train to NaN)."""
-    import math
-
-    checks = (("learning_rate", lambda v: v >= 0, "a finite number >= 0, e.g. 1e-5"),
-              ("weight_decay", lambda v: v >= 0, "a finite number >= 0, e.g. 0.0"),
-              ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
-              ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.999"),
-              ("adam_epsilon", lambda v: v >= 0, "a finite number >= 0, e.g. 1e-8"))
-    for name, ok, want in checks:
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-            raise PluginError(f"{name}={value!r} cannot train: it must be {want} (--{name})")
 
 
 class LowMemTrainer(LowMemTrainerMixin, Trainer):

@@ -13,8 +13,8 @@ ENGINE_OPTIMIZERS = ("adamw", "bnb-adamw8bit")
 
 class Stream(Plugin):
     name, kind, engine, options, modes = "stream", "offload", True, StreamOptions, ("single",)
-    help = ("weight-streaming engine: fp32 masters + optimizer states in host RAM, one layer at a time on the "
-            "GPU, layer-major accumulation windows (7B in 8 GiB)")
+    help = ("weight-streaming engine: masters + optimizer states in host RAM (exact tier: fp32; compact tier: bf16 "
+            "masters, 4-bit states), one layer at a time on the GPU, layer-major accumulation windows (7B in 8 GiB)")
     incompatible = {
         "gradient-checkpointing": "redundant: the engine already recomputes every layer in backward",
         "activation-offload": "redundant: the engine already keeps only each layer's inputs, in host memory",
@@ -33,28 +33,33 @@ class Stream(Plugin):
         import dataclasses
 
         from hf_lowmem.context import trainer_param_groups
+        from hf_lowmem.engine.config import EngineSpec
         from hf_lowmem.engine.stream import StreamEngine
 
         options = ctx.options(self.name)
         if options.gpu_memory is None and getattr(ctx.args, "lowmem_gpu_memory", None):
             options = dataclasses.replace(options, gpu_memory=str(ctx.args.lowmem_gpu_memory))  # the planner's budget
-        return StreamEngine(model, ctx.args, trainer=trainer, options=options, optimizer_name=ctx.selected("optimizer"),
-                            param_groups=trainer_param_groups(trainer, model))
+        opt = ctx.selected("optimizer")
+        spec = EngineSpec.from_training(ctx.args, trainer=trainer, options=options, optimizer_name=opt,
+                                        optimizer_options=ctx.options(opt) if opt else None,
+                                        param_groups=trainer_param_groups(trainer, model))
+        return StreamEngine(model, spec)
 
-    def states(self, plan) -> str:
-        fmt = self.options_for(plan).states
-        if fmt == "auto":
-            fmt = "8bit" if plan.selected("optimizer") == "bnb-adamw8bit" else "fp32"
-        return fmt
+    def formats(self, plan):
+        """The host formats (masters, states, gradients, stash grouping) these options select: the engine's rule."""
+        from hf_lowmem.engine.stream_options import resolve_formats
+
+        return resolve_formats(self.options_for(plan), plan.selected("optimizer"))
 
     def lossless_in(self, plan):
-        return self.states(plan) != "8bit"  # the engine's own optimizer: 8-bit states are lossy
+        f = self.formats(plan)  # the engine's own optimizer: quantized states, bf16 masters or 8-bit gradients are lossy
+        return f.states == "fp32" and f.master == "fp32" and f.grads == "compute"
 
     def memory_model(self, plan, step):
-        return stream_estimate(plan, self.states(plan), self.options_for(plan).loss_chunk_tokens)
+        return stream_estimate(plan, self.formats(plan), self.options_for(plan).loss_chunk_tokens)
 
 
-def stream_estimate(plan, fmt: str, chunk: int):
+def stream_estimate(plan, fmt, chunk: int):
     """The engine's memory (its own model) as a planner estimate, and its speed: per block, host<->GPU
     copies overlap compute, and the slower of the two sets the pace."""
     from hf_lowmem.engine.stream import estimate_stream_memory
@@ -65,7 +70,8 @@ def stream_estimate(plan, fmt: str, chunk: int):
     raw = estimate_stream_memory(
         block_params=sh.block_params(), hidden_size=sh.hidden, intermediate_size=sh.intermediate,
         vocab_size=sh.vocab, tokens_per_micro_batch=su.tokens, micro_batches=su.grad_accum, compute_bytes=cb,
-        state_format=fmt, loss_chunk_tokens=chunk, masters_exist=False)
+        state_format=fmt.states, loss_chunk_tokens=chunk, masters_exist=False, master_format=fmt.master,
+        grad_format=fmt.grads, stash_every=fmt.stash_every or 1)
     g, h = raw["gpu"], raw["host"]
     names = {"weights": "weights", "gradients": "gradients", "update_staging": "optimizer states",
              "activations": "activations", "hidden_states": "activations", "logits": "logits",
@@ -81,8 +87,10 @@ def stream_estimate(plan, fmt: str, chunk: int):
     host["framework (Python, PyTorch, CUDA libraries)"] = 3 * GiB if su.device == "cuda" else 1 * GiB
     est = MemoryEstimate(gpu={k: int(v) for k, v in gpu.items() if v}, host={k: int(v) for k, v in host.items() if v},
                          peak_phase=f"{raw.get('gpu_peak_phase', 'backward')} phase of one block")
-    est.notes.append(f"stream: {fmt} optimizer states; memory from the stream engine's own memory model")
-    sb = 2.0 + 8 / 256 if fmt == "8bit" else 8.0
+    est.notes.append(f"stream: {fmt.master} masters, {fmt.states} optimizer states, {fmt.grads} stored gradients, "
+                     f"stash every {fmt.stash_every or 1} layer(s); memory from the stream engine's own memory model")
+    sb = {"8bit": 2.0 + 8 / 256, "4bit": 1.0 + 8 / 128}.get(fmt.states, 8.0)
+    mb = 2 if fmt.master == "bf16" else 4
     rate = dev.flops_rate(su)
     P = sh.params_total
     fwd_flops = 2 * matmul_params(sh) * su.window_tokens + attn_flops(sh, su) * su.grad_accum / 3
@@ -90,9 +98,9 @@ def stream_estimate(plan, fmt: str, chunk: int):
     t_bwd_compute = 3 * fwd_flops / rate  # recompute + backward
     # forward streams masters (fp32) + states + bf16 gradients in, masters + states out; backward streams
     # bf16 weights in and bf16 gradients out
-    t_fwd_copy = max(P * (4 + sb + cb) / (dev.h2d_gbps * 1e9), P * (4 + sb) / (dev.d2h_gbps * 1e9))
+    t_fwd_copy = max(P * (mb + sb + cb) / (dev.h2d_gbps * 1e9), P * (mb + sb) / (dev.d2h_gbps * 1e9))
     t_bwd_copy = max(P * cb / (dev.h2d_gbps * 1e9), P * cb / (dev.d2h_gbps * 1e9))
-    t_opt = P * (4 + 4 + 2 * sb + cb) / (dev.hbm_gbps * 1e9 * 0.7)
+    t_opt = P * (2 * mb + 2 * sb + cb) / (dev.hbm_gbps * 1e9 * 0.7)
     step = max(t_fwd_compute, t_fwd_copy) + max(t_bwd_compute, t_bwd_copy) + t_opt
     est.seconds_per_step = step
     est.speed = min(1.0, ceiling_seconds(plan) / step)

@@ -146,16 +146,18 @@ def test_dropout_is_refused(tmp_path):
 
 def test_host_budget_refused_with_both_numbers(tmp_path):
     args = train_args(tmp_path, lowmem_offload=["stream"], lowmem_host_memory="64KB")
-    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB of host memory in all \(fp32 master weights .*\), "
-                                                 r"but the declared host budget is 0.0 GiB"):
+    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB of host memory in all: .* GiB more \(.*\) on top of "
+                                                 r"the .* GiB this process tree uses, but the declared host budget is "
+                                                 r"0.0 GiB\. Use the compact tier"):
         LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens())
 
 
 def test_available_memory_checked_when_no_budget_is_declared(tmp_path, monkeypatch):
-    import hf_lowmem.engine.stream as st
+    import hf_lowmem.engine.hostmem as hm
 
-    monkeypatch.setattr(st, "_available_host_bytes", lambda: 1024)
-    with pytest.raises(MemoryBudgetError, match=r"more for optimizer states .* but the memory available now"):
+    monkeypatch.setattr(hm, "available_bytes", lambda: 1024)
+    with pytest.raises(MemoryBudgetError, match=r"needs .* GiB more host memory \(fp32 optimizer states .*\), but the "
+                                                 r"memory available now is 0.0 GiB"):
         LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, lowmem_offload=["stream"]), train_dataset=RandomTokens())
 
 
@@ -200,5 +202,91 @@ def test_composes_with_attention_and_chunked_loss_plugins(tmp_path):
     p = Trainer(model=ref, args=train_args(tmp_path / "p", **kw), train_dataset=RandomTokens())
     p.train()
     s.lowmem_engine.flush()
+    assert max(abs(a - b) for a, b in zip(logged_losses(s), logged_losses(p))) < TOL
+    assert _max_weight_diff(s, p) < TOL
+
+
+# ---- bad input and faults (issue 11) -------------------------------------------------------------------------
+def test_resume_with_8bit_states_continues_exactly_and_keeps_uint8(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    kw = dict(max_steps=6, gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=3,
+              lowmem_optimizer="bnb-adamw8bit", lowmem_offload=["stream"])
+    mk = dict(hidden_size=64, intermediate_size=128)
+    s = LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path, **kw), train_dataset=RandomTokens())
+    s.train()
+    r = LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path, **kw), train_dataset=RandomTokens())
+    r.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert max(abs(a - b) for a, b in zip(logged_losses(r)[3:], logged_losses(s)[3:])) < TOL
+    big = r.model.model.layers[0].mlp.up_proj.weight
+    assert r.lowmem_engine.optimizer.state[big]["state1"].dtype == torch.uint8
+
+
+def test_resume_with_other_state_format_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    kw = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=2, lowmem_offload=["stream"])
+    mk = dict(hidden_size=64, intermediate_size=128)
+    LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path, **kw), train_dataset=RandomTokens()).train()
+    r = LowMemTrainer(model=tiny_model(**mk), args=train_args(tmp_path / "r", lowmem_options={"stream": {"states": "8bit"}},
+                      **{**kw, "max_steps": 4}), train_dataset=RandomTokens())
+    with pytest.raises(PluginError, match="resume with"):
+        r.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+class _MaskSome:
+    """A collator that masks every label of the micro-batches it is told to (counted in calls)."""
+
+    def __init__(self, masked):
+        self.calls, self.masked = 0, set(masked)
+
+    def __call__(self, features):
+        from transformers import default_data_collator
+
+        batch = default_data_collator(features)
+        if self.calls in self.masked:
+            batch["labels"][:] = -100
+        self.calls += 1
+        return batch
+
+
+@pytest.mark.parametrize("ga,masked", [(1, {2}), (2, {2, 3}), (2, {2})], ids=["step", "window", "one-micro-batch"])
+def test_fully_masked_batches_train_on_like_a_plain_trainer(tmp_path, ga, masked):
+    kw = dict(max_steps=4, gradient_accumulation_steps=ga, learning_rate=1e-2, max_grad_norm=1.0)
+    s = LowMemTrainer(model=tiny_model(), args=train_args(tmp_path / "s", lowmem_offload=["stream"], **kw),
+                      train_dataset=RandomTokens(), data_collator=_MaskSome(masked))
+    s.train()
+    p = Trainer(model=tiny_model(), args=train_args(tmp_path / "p", **kw), train_dataset=RandomTokens(),
+                data_collator=_MaskSome(masked))
+    p.train()
+    ls, lp = logged_losses(s), logged_losses(p)
+    assert max(abs(a - b) for a, b in zip(ls, lp)) < TOL
+    if ga == 1 or len(masked) == 2:
+        assert 0.0 in ls  # the masked window really happened
+    s.lowmem_engine.flush()
+    assert _max_weight_diff(s, p) < TOL
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"host_memory": "abc"}, "cannot read 'abc' as a size"),
+    ({"host_memory": "-1"}, "host_memory must be positive"),
+    ({"gpu_memory": "8"}, "has no unit"),
+    ({"check_memory": "no"}, "check_memory must be true or false"),
+    ({"loss_chunk_tokens": "many"}, "loss_chunk_tokens must be an integer"),
+])
+def test_bad_stream_options_fail_in_one_line_at_construction(tmp_path, opts, match):
+    with pytest.raises(PluginError, match=match) as e:
+        train_args(tmp_path, lowmem_offload=["stream"], lowmem_options={"stream": opts})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf")])
+def test_bad_learning_rate_is_refused_before_training(tmp_path, lr):
+    with pytest.raises(PluginError, match=r"learning_rate=.* cannot train: it must be a finite number >= 0"):
+        LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, lowmem_offload=["stream"], learning_rate=lr),
+                      train_dataset=RandomTokens())
+
+
+def test_gemma_scaled_embeddings_train_like_a_plain_trainer(tmp_path):
+    s, p = _pair(tmp_path, "gemma", model_kw=dict(head_dim=8), max_steps=3, gradient_accumulation_steps=2,
+                 learning_rate=1e-2)
     assert max(abs(a - b) for a, b in zip(logged_losses(s), logged_losses(p))) < TOL
     assert _max_weight_diff(s, p) < TOL

@@ -77,7 +77,7 @@ def test_planner_defers_to_the_engine_model_for_r7():
 
 
 # ---- the CPU allocator ---------------------------------------------------------------------------------------
-def _cpu_window_peak(tmp_path, hidden, inter, layers, vocab, seq, mb, ga, tied):
+def _cpu_window_peak(tmp_path, hidden, inter, layers, vocab, seq, mb, ga, tied, stream=None):
     """(measured, predicted) bytes of the engine's device tensors in the 2nd optimizer step, bf16 compute."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
@@ -113,7 +113,8 @@ def _cpu_window_peak(tmp_path, hidden, inter, layers, vocab, seq, mb, ga, tied):
 
     trainer = LowMemTrainer(model=model, args=train_args(tmp_path, max_steps=2, per_device_train_batch_size=mb,
                                                          gradient_accumulation_steps=ga, bf16=True,
-                                                         lowmem_offload=["stream"]),
+                                                         lowmem_offload=["stream"],
+                                                         lowmem_options={"stream": stream or {}}),
                             train_dataset=RandomTokens(n=64, seq=seq, vocab=vocab), callbacks=[SecondStep()])
     trainer.train()
     est = trainer.lowmem_engine.estimate(mb * seq, ga)
@@ -123,7 +124,11 @@ def _cpu_window_peak(tmp_path, hidden, inter, layers, vocab, seq, mb, ga, tied):
 @pytest.mark.parametrize("shape", [
     dict(hidden=512, inter=1376, layers=2, vocab=1000, seq=512, mb=2, ga=2, tied=False),  # a layer's backward
     dict(hidden=256, inter=688, layers=2, vocab=4000, seq=256, mb=2, ga=2, tied=True),  # the LM head, tied
-], ids=["layer-backward", "tied-head"])
+    dict(hidden=512, inter=1376, layers=4, vocab=1000, seq=512, mb=2, ga=2, tied=False,
+         stream={"stash_every": 2}),  # a group of two layers' backward
+    dict(hidden=512, inter=1376, layers=4, vocab=1000, seq=512, mb=2, ga=2, tied=False,
+         stream={"tier": "compact", "stash_every": 2}),  # bf16 masters, 4-bit states, 8-bit gradients
+], ids=["layer-backward", "tied-head", "stash2", "compact-stash2"])
 def test_estimate_matches_the_cpu_allocator(tmp_path, shape):
     measured, predicted, phase = _cpu_window_peak(tmp_path, **shape)
     err = (predicted - measured) / measured

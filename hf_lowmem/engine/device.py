@@ -1,12 +1,14 @@
-"""Streams, events and pinned host memory, with the same interface on CPU (where they are no-ops and
-copies are synchronous) so that the engine runs one code path on CPU and GPU."""
+"""Streams, events and copies, with the same interface on CPU (where they are no-ops and copies are
+synchronous) so that the engine runs one code path on CPU and GPU. Host memory comes from
+:mod:`hf_lowmem.engine.hostmem`."""
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
+
+from hf_lowmem.engine.hostmem import cgroup_memory_limit  # noqa: F401  (re-exported: the planner reads it here)
 
 
 class _NullEvent:
@@ -32,28 +34,6 @@ class _NullStream:
 
     def synchronize(self):
         return None
-
-
-def cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), or ``None`` when there is none."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            raw = open(path).read().strip()
-            if raw != "max" and int(raw) < 2**60:
-                return int(raw)
-        except (OSError, ValueError):
-            pass
-    return None
-
-
-def _unregister_all(registered: dict) -> None:
-    try:
-        cudart = torch.cuda.cudart()
-        for ptr in list(registered):
-            cudart.cudaHostUnregister(ptr)
-    except Exception:  # interpreter shutdown: the CUDA context may already be gone
-        pass
-    registered.clear()
 
 
 class Profile:
@@ -94,9 +74,6 @@ class Device:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.profile = Profile() if (profile and self.cuda) else None
-        # host memory this device page-locked in place: storage pointer -> storage (kept alive until unregistered)
-        self._registered: dict[int, torch.UntypedStorage] = {}
-        weakref.finalize(self, _unregister_all, self._registered)
         if self.cuda:
             self.compute = torch.cuda.current_stream(self.device)
             self.h2d = torch.cuda.Stream(self.device)
@@ -115,33 +92,6 @@ class Device:
 
     def on(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
-
-    def empty_host(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Host memory for streaming: page-locked on a CUDA run (pageable copies run at a third of the speed)."""
-        return self.pin(torch.empty(numel, dtype=dtype))
-
-    def pin(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` page-locked, in place when possible. PyTorch's pinned allocator rounds every block up to a
-        power of two (a 172 MiB matrix takes 256 MiB), which costs a 7B model ~13 GiB of host RAM; registering
-        the tensor's own memory with ``cudaHostRegister`` costs nothing extra and copies nothing."""
-        if not self.cuda or t.is_pinned():
-            return t
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes == 0 or ptr in self._registered:
-            return t
-        cudart = torch.cuda.cudart()
-        if cudart.cudaHostRegister(ptr, nbytes, 0) != cudart.cudaError.success:
-            torch.cuda.synchronize()  # clears the sticky error state of the failed call
-            return t.pin_memory()  # e.g. read-only memory mapped from a file: fall back to a pinned copy
-        self._registered[ptr] = storage
-        return t
-
-    def release(self, t: torch.Tensor) -> None:
-        """Undo :meth:`pin` for a tensor about to be dropped (memory must not be freed while registered)."""
-        storage = t.untyped_storage()
-        if self._registered.pop(storage.data_ptr(), None) is not None:
-            torch.cuda.cudart().cudaHostUnregister(storage.data_ptr())
 
     def to_device(self, host: torch.Tensor, after=None) -> tuple[torch.Tensor, object]:
         """Copy ``host`` to the device on the h2d stream (after ``after``, an event); returns the device

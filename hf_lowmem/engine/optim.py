@@ -1,19 +1,27 @@
-"""The streaming engine's optimizer: AdamW whose states live in (pinned) host memory and whose update runs
-on the compute device one parameter at a time, while that parameter's block is being streamed in.
+"""The streaming engine's optimizer: AdamW whose states live in host memory (one flat buffer per block and
+state, see :mod:`hf_lowmem.engine.store`) and whose update runs on the compute device one block at a time,
+while that block is being streamed in.
 
-Two state formats:
+State formats:
 
 ``fp32``
-    exact AdamW: fp32 ``exp_avg`` and ``exp_avg_sq`` (8 bytes/param), updated with PyTorch's own fused
-    AdamW kernel, so the result equals ``torch.optim.AdamW(fused=True)`` (the Trainer's default).
+    exact AdamW: fp32 ``exp_avg`` and ``exp_avg_sq`` (8 bytes/param), updated with PyTorch's fused AdamW
+    kernel, so the result equals ``torch.optim.AdamW(fused=True)`` (the Trainer's default).
 ``8bit``
     bitsandbytes' block-wise 8-bit AdamW states (2 bytes/param plus one fp32 scale per 256 values), updated
-    with bitsandbytes' fused 8-bit kernel; parameters under 4,096 values keep fp32 states, as bitsandbytes does.
+    with bitsandbytes' fused 8-bit kernel (the arithmetic of ``bnb.optim.AdamW8bit``).
+``4bit``
+    block-wise 4-bit moments (~1.06 bytes/param, :mod:`hf_lowmem.engine.lowbit`), dequantized to fp32 for
+    the update and quantized again, in chunks of 4M values.
 
-The master weights are the model's own parameters (fp32, in host memory), so ``save_pretrained`` and
-checkpoints see them directly. ``step()`` does not touch the weights: it records the learning rates and the
-clipping coefficient, and the engine applies the update the next time each block is brought to the device
-(or at :meth:`StreamEngine.flush`). The arithmetic is the same as an immediate update.
+Tensors under ``min_quant_size`` values (norm weights, biases) keep fp32 states in every format, as
+bitsandbytes does. bf16 master weights are updated in fp32 and written back with stochastic rounding from a
+seeded generator whose state is part of :meth:`StreamAdamW.state_dict`, so a resumed run draws the same
+numbers.
+
+``step()`` does not touch the weights: it records the learning rates and the clipping coefficient, and the
+engine applies the update the next time each block is brought to the device (or at
+:meth:`StreamEngine.flush`). The arithmetic is the same as an immediate update.
 """
 
 from __future__ import annotations
@@ -23,27 +31,37 @@ from typing import Any
 
 import torch
 
-MIN_8BIT_SIZE = 4096
-BLOCKSIZE_8BIT = 256
+from hf_lowmem.engine import lowbit
+from hf_lowmem.hyperparams import check_adam_group
+from hf_lowmem.engine.store import ALIGN, BlockLayout, BlockStore, Slot
+
+CHUNK = 1 << 22  # values per chunk of a chunked update (a multiple of both quantization blocks)
+FORMAT = "hf_lowmem.stream/2"
 
 
 class StreamAdamW(torch.optim.Optimizer):
     """The optimizer object the Trainer sees: param groups (for the LR scheduler), ``step`` (defers to the
     engine), ``state_dict``/``load_state_dict`` (host states, for checkpoints and resume)."""
 
-    def __init__(self, param_groups, engine, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, state_format: str = "fp32"):
-        if state_format not in ("fp32", "8bit"):
-            raise ValueError(f"state_format must be 'fp32' or '8bit', got {state_format!r}")
+    def __init__(self, param_groups, engine, store: BlockStore, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, seed: int = 0):
+        check_adam_group(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(param_groups, defaults)
-        self.engine = engine
-        self.state_format = state_format
-        self._group_of: dict[int, int] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                self._group_of[id(p)] = gi
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for g in self.param_groups:
+            check_adam_group(lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"])
+        self.engine, self.store = engine, store
+        self.formats = store.formats
+        self.state_format = self.formats.states
+        self.steps = [0] * len(store.layouts)  # updates applied to each block
+        self._qmaps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.generator: torch.Generator | None = None
+        if self.formats.master == "bf16":
+            self.generator = torch.Generator(device=engine.dev.device)
+            self.generator.manual_seed(int(seed) + 0x5EED)
+        for k, lay in enumerate(store.layouts):  # views for inspection (``optimizer.state[p]``)
+            for s in lay.slots:
+                self.state[s.param] = store.param_state_views(k, s)
 
     # ---- the Trainer-facing API ----------------------------------------------------------------------
     @torch.no_grad()
@@ -56,92 +74,163 @@ class StreamAdamW(torch.optim.Optimizer):
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, per block its step count and state buffers (the host buffers themselves: saving
+        copies nothing), the stochastic-rounding generator's state, and, when checkpoints store the model's
+        weights in a narrower dtype than the masters (fp32 masters of a bf16 model), the masters."""
         self.engine.flush()
-        return super().state_dict()
+        groups = []
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for g in self.param_groups:
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]})
+        with_masters = self.store.master_dtype != self.store.save_dtype  # the weights file cannot restore them
+        blocks = []
+        for k in range(len(self.store.layouts)):
+            entry = {"step": self.steps[k], "numel": self.store.layouts[k].numel, "states": dict(self.store.states(k))}
+            if with_masters:
+                entry["master"] = self.store.master(k)
+            blocks.append(entry)
+        return {"format": FORMAT, "formats": {"master": self.formats.master, "states": self.formats.states},
+                "param_groups": groups, "blocks": blocks, "state": {},
+                "generator": self.generator.get_state() if self.generator is not None else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Copy a checkpoint's states into the host buffers the engine streams from, in place. Each buffer must
+        have the dtype and size of the one it replaces (8-bit states stay uint8); a checkpoint of another
+        optimizer, state format or model is refused with one line naming the first difference."""
+        from hf_lowmem.errors import PluginError
+
+        fix = ("resume with the optimizer and stream options the checkpoint was written with, or start without "
+               "resume_from_checkpoint")
+        if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
+            raise PluginError(f"the optimizer state in this checkpoint was not written by the stream engine ({FORMAT}); {fix}")
+        fmts = state_dict.get("formats", {})
+        here = {"master": self.formats.master, "states": self.formats.states}
+        if fmts != here:
+            raise PluginError(f"the checkpoint keeps {fmts} (master weights, optimizer states); this run keeps {here}; {fix}")
+        blocks = state_dict["blocks"]
+        if len(blocks) != len(self.store.layouts) or len(state_dict["param_groups"]) != len(self.param_groups):
+            raise PluginError(f"the checkpoint's optimizer state has {len(blocks)} blocks and "
+                              f"{len(state_dict['param_groups'])} parameter groups, this model "
+                              f"{len(self.store.layouts)} and {len(self.param_groups)}; {fix}")
+        for k, entry in enumerate(blocks):  # check everything before changing anything
+            mine = self.store.states(k)
+            if set(entry["states"]) != set(mine):
+                raise PluginError(f"block {k}: the checkpoint has states {sorted(entry['states'])}, this run "
+                                  f"{sorted(mine)}; {fix}")
+            pairs = [(f"state {n!r}", entry["states"][n], mine[n]) for n in mine]
+            if "master" in entry:
+                pairs.append(("master weights", entry["master"], self.store.master(k)))
+            for what, src, dst in pairs:
+                if not torch.is_tensor(src) or src.dtype != dst.dtype or src.numel() != dst.numel():
+                    got = f"{src.dtype} x {src.numel()}" if torch.is_tensor(src) else type(src).__name__
+                    raise PluginError(f"block {k}, {what}: the checkpoint has {got}, this run keeps "
+                                      f"{dst.dtype} x {dst.numel()}; {fix}")
         self.engine.discard_pending()
-        for st in self.state.values():  # the states being replaced
-            for k, v in st.items():
-                if torch.is_tensor(v) and k != "step":
-                    self.engine.dev.release(v)
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():  # back to pinned host memory, where the engine streams from
-            for k, v in list(st.items()):
-                if torch.is_tensor(v) and k != "step":
-                    st[k] = self.engine.dev.pin(v.detach().to("cpu").contiguous())
-            if "step" in st:
-                st["step"] = torch.as_tensor(float(st["step"]), dtype=torch.float32)
-
-    # ---- states ----------------------------------------------------------------------------------------
-    def group_of(self, p: torch.Tensor) -> dict:
-        return self.param_groups[self._group_of[id(p)]]
-
-    def uses_8bit(self, p: torch.Tensor) -> bool:
-        return self.state_format == "8bit" and p.numel() >= MIN_8BIT_SIZE
-
-    def ensure_state(self, p: torch.Tensor) -> dict:
-        st = self.state[p]
-        if not st:
-            dev, n = self.engine.dev, p.numel()
-            st["step"] = torch.tensor(0.0)
-            if self.uses_8bit(p):
-                blocks = (n + BLOCKSIZE_8BIT - 1) // BLOCKSIZE_8BIT
-                for k in ("state1", "state2"):
-                    st[k] = dev.empty_host(n, torch.uint8).view(p.shape)
-                    st[k].zero_()
-                for k in ("absmax1", "absmax2"):
-                    st[k] = dev.empty_host(blocks, torch.float32)
-                    st[k].zero_()
-            else:
-                for k in ("exp_avg", "exp_avg_sq"):
-                    st[k] = dev.empty_host(n, torch.float32).view(p.shape)
-                    st[k].zero_()
-        return st
-
-    def state_bytes_per_param(self) -> float:
-        return 2.0 + 8.0 / BLOCKSIZE_8BIT if self.state_format == "8bit" else 8.0
-
-    def qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._qmaps:
-            import bitsandbytes.functional as F
-
-            self._qmaps[device] = (F.create_dynamic_map(signed=True).to(device),
-                                   F.create_dynamic_map(signed=False).to(device))
-        return self._qmaps[device]
+        for k, entry in enumerate(blocks):
+            mine = self.store.states(k)
+            for n, src in entry["states"].items():
+                mine[n].copy_(src.reshape(-1))
+            if "master" in entry:
+                self.store.master(k).copy_(entry["master"].reshape(-1))
+            self.steps[k] = int(entry["step"])
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for key, v in saved.items():
+                if key != "params":
+                    group[key] = tuple(v) if key == "betas" else v
+        if self.generator is not None and state_dict.get("generator") is not None:
+            self.generator.set_state(state_dict["generator"])
 
     # ---- the update, on the device -------------------------------------------------------------------
-    @torch.no_grad()
-    def update(self, p: torch.Tensor, master: torch.Tensor, grad: torch.Tensor, states: dict[str, torch.Tensor],
-               lr: float, clip_coef: float) -> None:
-        """One AdamW step of ``master`` (fp32, on the device) in place, with ``states`` on the device.
-        ``grad`` is fp32; it is scaled by ``clip_coef``. The step counter lives on the host."""
-        group = self.group_of(p)
-        beta1, beta2 = group["betas"]
-        wd, eps = group["weight_decay"], group["eps"]
-        st = self.state[p]
-        step = int(st["step"].item()) + 1
-        st["step"].fill_(float(step))
-        if self.uses_8bit(p):
+    def qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._qmaps:
             import bitsandbytes.functional as F
 
-            q1, q2 = self.qmaps(master.device)
-            F.optimizer_update_8bit_blockwise(
-                "adam", grad, master, states["state1"], states["state2"], beta1, beta2, 0.0, 0.0, eps, step, lr,
-                q1, q2, states["absmax1"], states["absmax2"], weight_decay=wd, gnorm_scale=clip_coef)
-            return
-        if clip_coef != 1.0:
-            grad.mul_(clip_coef)
-        step_t = torch.tensor(float(step - 1), device=master.device)
-        from torch.optim.adamw import adamw
+            self._qmaps[key] = (F.create_dynamic_map(signed=True).to(device),
+                                F.create_dynamic_map(signed=False).to(device))
+        return self._qmaps[key]
 
-        adamw([master], [grad], [states["exp_avg"]], [states["exp_avg_sq"]], [], [step_t],
-              fused=_fused_ok(master), amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=eps,
-              maximize=False)
+    @torch.no_grad()
+    def update_block(self, k: int, master: torch.Tensor, states: dict[str, torch.Tensor], grad: torch.Tensor,
+                     lrs: list[float], clip: float) -> None:
+        """One AdamW step of block ``k`` on the device, in place: ``master`` (flat, master dtype), ``states``
+        (flat device copies of the host buffers), ``grad`` (the stored gradient region: compute dtype, or 8-bit
+        codes followed by their scales); ``clip`` scales the gradient (the clipping coefficient)."""
+        self.steps[k] += 1
+        lay = self.store.layouts[k]
+        for s in lay.slots:
+            g = self.param_groups[s.group]
+            self._update_slot(lay, s, master, states, grad, step=self.steps[k], lr=lrs[s.group], clip=clip,
+                              betas=g["betas"], eps=g["eps"], wd=g["weight_decay"])
+
+    def _grad_chunk(self, lay: BlockLayout, grad: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """fp32 gradient of flat elements [lo, hi) of the block."""
+        if self.formats.grads == "8bit":
+            n = lay.numel
+            absmax = grad[n: n + n // lowbit.BLOCK_8BIT * 4].view(torch.float32)
+            return lowbit.dequantize_8bit(grad[lo:hi], absmax[lo // lowbit.BLOCK_8BIT: hi // lowbit.BLOCK_8BIT])
+        return grad.view(self.engine.compute_dtype)[lo:hi].float()
+
+    def _update_slot(self, lay: BlockLayout, s: Slot, master, states, grad, *, step, lr, clip, betas, eps, wd) -> None:
+        fm = self.formats
+        chunked = fm.master != "fp32" or fm.grads != "compute" or (s.quantized and fm.states == "4bit")
+        # the exact path works on the parameter itself (one chunk); chunked formats on aligned chunks of its
+        # padded range (quantization blocks, 8-bit gradient blocks), at most CHUNK values each
+        span = s.padded if (chunked or s.quantized) else s.numel
+        step_len = CHUNK if chunked else span
+        for lo in range(0, span, step_len):
+            hi = min(span, lo + step_len)
+            a, b = s.offset + lo, s.offset + hi
+            real = max(0, min(hi, s.numel) - lo)  # values of the parameter in this chunk (the rest is padding)
+            g = self._grad_chunk(lay, grad, a, b)
+            w = master[a:b]
+            w32 = w if w.dtype == torch.float32 else w.float()
+            if not s.quantized:
+                m = states["exp_avg"][s.soff + lo: s.soff + lo + real]
+                v = states["exp_avg_sq"][s.soff + lo: s.soff + lo + real]
+                if clip != 1.0:
+                    g.mul_(clip)
+                from torch.optim.adamw import adamw
+
+                step_t = torch.tensor(float(step - 1), device=w.device)
+                adamw([w32[:real]], [g[:real]], [m], [v], [], [step_t], fused=True, amsgrad=False, beta1=betas[0],
+                      beta2=betas[1], lr=lr, weight_decay=wd, eps=eps, maximize=False)
+            elif fm.states == "8bit":
+                import bitsandbytes.functional as F
+
+                q1, q2 = self.qmaps(w.device)
+                blk = lowbit.BLOCK_8BIT
+                F.optimizer_update_8bit_blockwise(
+                    "adam", g[:real], w32[:real], states["state1"][a: a + real], states["state2"][a: a + real],
+                    betas[0], betas[1], 0.0, 0.0, eps, step, lr, q1, q2, states["absmax1"][a // blk: b // blk],
+                    states["absmax2"][a // blk: b // blk], weight_decay=wd, gnorm_scale=clip)
+            else:
+                self._update_4bit(w32, g, states, a, b, step=step, lr=lr, clip=clip, betas=betas, eps=eps, wd=wd)
+            if w32 is not w:  # bf16 masters: stochastic rounding back
+                lowbit.round_to_bf16_stochastic(w32, w, self.generator)
+
+    def _update_4bit(self, w, g, states, a, b, *, step, lr, clip, betas, eps, wd) -> None:
+        blk = lowbit.BLOCK_4BIT
+        dev = w.device
+        bm = lowbit.Codebook.get(lowbit.MAP_SIGNED_4BIT, dev)
+        bv = lowbit.Codebook.get(lowbit.MAP_UNSIGNED_4BIT, dev)
+        mc, vc = states["m"][a // 2: b // 2], states["v"][a // 2: b // 2]
+        ms, vs = states["m_scale"][a // blk: b // blk], states["v_scale"][a // blk: b // blk]
+        m = lowbit.dequantize_4bit(mc, ms, bm)
+        v = lowbit.dequantize_4bit(vc, vs, bv)
+        if clip != 1.0:
+            g.mul_(clip)
+        b1, b2 = betas
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        w.mul_(1 - lr * wd)
+        denom = v.sqrt().div_(math.sqrt(1 - b2**step)).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+        lowbit.quantize_4bit(m, bm, mc, ms)
+        lowbit.quantize_4bit(v, bv, vc, vs)
 
 
-def _fused_ok(t: torch.Tensor) -> bool | None:
-    return True if t.device.type in ("cuda", "cpu") else None
+assert CHUNK % ALIGN == 0
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> float:

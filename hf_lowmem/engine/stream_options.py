@@ -7,22 +7,44 @@ from dataclasses import dataclass
 GiB = 2**30
 
 
+TIERS = ("exact", "compact")
+MASTERS = ("auto", "fp32", "bf16")
+STATES = ("auto", "fp32", "8bit", "4bit")
+GRADS = ("auto", "compute", "8bit")
+
+
 @dataclass
 class StreamOptions:
     """Options of the ``stream`` plugin (``lowmem_options={"stream": {...}}``).
 
-    :param states: optimizer states: ``fp32`` (exact AdamW, 8 B/param), ``8bit`` (bitsandbytes block-wise,
-        ~2 B/param; needs the ``bnb`` extra), or ``auto``: ``8bit`` when ``lowmem_optimizer`` is
-        ``bnb-adamw8bit``, else ``fp32``.
+    :param tier: where host memory goes. ``exact`` (default): fp32 master weights, AdamW states as the optimizer
+        keeps them (fp32: 8 B/param; ``bnb-adamw8bit``: 8-bit), gradients stored in the compute dtype: the same
+        arithmetic as a plain Trainer. ``compact``: bf16 master weights updated in fp32 on the GPU and written
+        back with stochastic rounding, 4-bit AdamW states, gradients stored in 8 bits (~4.1 B/param in all, 7B
+        in a 32 GiB machine); lossy, measured in docs/streaming.md. The next four options override one part.
+    :param master: master weights, ``fp32`` or ``bf16`` (``auto``: from the tier).
+    :param states: AdamW states: ``fp32`` (exact, 8 B/param), ``8bit`` (bitsandbytes' block-wise kernel, ~2 B),
+        ``4bit`` (block-wise, ~1.06 B), or ``auto``: ``8bit`` when ``lowmem_optimizer`` is ``bnb-adamw8bit``,
+        else ``4bit`` in the compact tier and ``fp32`` in the exact one.
+    :param grads: gradients kept between backward and the deferred update: ``compute`` (the compute dtype) or
+        ``8bit`` (block-wise, ~1 B/param; the clipping norm is taken before they are quantized) (``auto``: tier).
+    :param stash_every: keep the input of every n-th decoder layer in host memory and, in backward, recompute
+        a group of n layers with autograd from it: the stash shrinks n-fold at the cost of n layers' weights and
+        one micro-batch's activations of n layers on the GPU (no extra compute). ``auto``: the smallest n whose
+        host memory fits the budget (``host_memory`` / ``lowmem_host_memory``, else the memory available).
     :param loss_chunk_tokens: tokens per chunk of the LM head + cross-entropy (bounds the logits memory).
     :param check_memory: refuse to start when the estimated GPU or host memory exceeds what is there.
     :param gpu_memory: GPU budget to check against (e.g. ``"8GB"``); default: free memory under the
         process's cap (``torch.cuda.set_per_process_memory_fraction``).
-    :param host_memory: host budget to check against; default: available RAM.
+    :param host_memory: host budget of the whole process tree (DataLoader workers included); default: available RAM.
     :param profile: time copies and compute with CUDA events (``engine.profile_totals()``), for benchmarks.
     """
 
+    tier: str = "exact"
+    master: str = "auto"
     states: str = "auto"
+    grads: str = "auto"
+    stash_every: int | str = "auto"
     loss_chunk_tokens: int = 2048
     check_memory: bool = True
     gpu_memory: str | None = None
@@ -30,13 +52,68 @@ class StreamOptions:
     profile: bool = False
 
     def __post_init__(self):
-        if self.states not in ("auto", "fp32", "8bit"):
-            raise ValueError(f"states must be auto, fp32 or 8bit, got {self.states!r}")
-        if int(self.loss_chunk_tokens) < 1:
-            raise ValueError("loss_chunk_tokens must be >= 1")
+        for name, allowed in (("tier", TIERS), ("master", MASTERS), ("states", STATES), ("grads", GRADS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.stash_every != "auto":
+            _check_int(self, "stash_every", 1)
+        _check_int(self, "loss_chunk_tokens", 1)
+        for name in ("check_memory", "profile"):
+            if not isinstance(getattr(self, name), bool):  # "no" is a true string: refuse it instead of guessing
+                raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
+        for name in ("gpu_memory", "host_memory"):
+            _check_size(name, getattr(self, name))
 
 
-def parse_bytes(text: str | int | float | None, what: str = "size") -> int | None:
+@dataclass(frozen=True)
+class Formats:
+    """What the engine keeps, resolved from the options and the selected optimizer (see :class:`StreamOptions`)."""
+
+    master: str  # fp32 | bf16
+    states: str  # fp32 | 8bit | 4bit
+    grads: str  # compute | 8bit
+    stash_every: int | None  # None: chosen from the host budget at the first window
+
+    @property
+    def lossless(self) -> bool:
+        return self.master == "fp32" and self.states == "fp32" and self.grads == "compute"
+
+
+def resolve_formats(opts: StreamOptions | None, optimizer_name: str | None = None) -> Formats:
+    """The formats ``opts`` select (``auto`` resolved by tier and optimizer); one rule, used by the engine and
+    its memory estimate."""
+    opts = opts or StreamOptions()
+    compact = opts.tier == "compact"
+    states = opts.states
+    if states == "auto":
+        states = "8bit" if optimizer_name in ("bnb-adamw8bit", "adamw8bit") else ("4bit" if compact else "fp32")
+    master = opts.master if opts.master != "auto" else ("bf16" if compact else "fp32")
+    grads = opts.grads if opts.grads != "auto" else ("8bit" if compact else "compute")
+    n = None if opts.stash_every == "auto" else int(opts.stash_every)
+    return Formats(master=master, states=states, grads=grads, stash_every=n)
+
+
+def _check_int(opts, name: str, lo: int) -> None:
+    v = getattr(opts, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_size(name: str, value) -> None:
+    """A size option is read here, at construction, so a bad one fails before any model is touched."""
+    if value is None:
+        return
+    if str(value).strip().startswith("-"):
+        raise ValueError(f"{name} must be positive, got {value!r}; write a size like '32GiB'")
+    from hf_lowmem.errors import PluginError
+
+    try:
+        parse_bytes(value, name)
+    except PluginError as e:  # the registry reports ValueError as a bad option, with the plugin's name
+        raise ValueError(str(e)) from None
+
+
+def parse_bytes(text: str | float | None, what: str = "size") -> int | None:
     """A size option (``"8GiB"``, ``"8GB"`` = 10^9 bytes) in bytes, or ``None`` when unset; see :mod:`hf_lowmem.sizes`."""
     if text is None:
         return None

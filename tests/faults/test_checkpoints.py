@@ -211,9 +211,6 @@ def test_a_manifest_whose_checksum_cannot_be_computed_here_is_checked_by_size(tr
     assert "which this machine cannot compute (pip install xxhash); checking file sizes only" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason="engine helper (hf_lowmem/engine): StreamAdamW.load_state_dict goes through "
-                                       "torch.optim.Optimizer.load_state_dict, which casts the uint8 states to float32 "
-                                       "(losses after resume 4.87, 29.6, 715)")
 def test_stream_with_8bit_adamw_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
     from tests.faults.tinyrun import loss_logger, read_losses
 

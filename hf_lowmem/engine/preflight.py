@@ -1,0 +1,153 @@
+"""The stream engine's memory checks, before it allocates: refuse, with both numbers and the way out, memory
+the run would not get, and choose ``stash_every`` when it is ``auto``.
+
+Host memory is compared the way the OOM killer counts it: what the process tree (the training process and
+its DataLoader workers, page-locked memory included) uses now plus what the engine is about to allocate,
+against the declared budget (``host_memory`` option, else ``lowmem_host_memory``); without a declared budget,
+what is about to be allocated against the memory the OS reports available (capped by the cgroup limit)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from hf_lowmem.engine import hostmem
+from hf_lowmem.engine.estimate import (
+    estimate_stream_memory,
+    smallest_stash_every,
+    state_bytes,
+)
+from hf_lowmem.engine.store import DTYPES, grad_bytes
+from hf_lowmem.engine.stream_options import parse_bytes
+from hf_lowmem.errors import MemoryBudgetError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_lowmem.engine.stream import StreamEngine
+
+GiB = 2**30
+FIX = ("Use the compact tier (lowmem_options={'stream': {'tier': 'compact'}}: bf16 masters, 4-bit states, 8-bit "
+       "gradients), a larger stash_every, fewer tokens per accumulation window, or more RAM (if this machine has "
+       "more than it reports, declare it with lowmem_host_memory)")
+
+
+def declared_budget(engine: StreamEngine) -> int | None:
+    return parse_bytes(engine.options.host_memory, "host_memory") or parse_bytes(engine.spec.host_memory,
+                                                                                "lowmem_host_memory")
+
+
+def _fits(engine: StreamEngine, extra: int) -> bool:
+    declared = declared_budget(engine)
+    if declared:
+        return hostmem.tree_memory()["pss"] + extra <= declared
+    return extra <= hostmem.available_bytes()
+
+
+def _refuse(engine: StreamEngine, parts: dict[str, float], extra: int) -> None:
+    what = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v)
+    declared = declared_budget(engine)
+    if declared:
+        tree = hostmem.tree_memory()["pss"]
+        msg = (f"the stream engine needs {(tree + extra) / GiB:.1f} GiB of host memory in all: {extra / GiB:.1f} GiB "
+               f"more ({what}) on top of the {tree / GiB:.1f} GiB this process tree uses, but the declared host "
+               f"budget is {declared / GiB:.1f} GiB")
+    else:
+        msg = (f"the stream engine needs {extra / GiB:.1f} GiB more host memory ({what}), but the memory available "
+               f"now is {hostmem.available_bytes() / GiB:.1f} GiB")
+    raise MemoryBudgetError(f"{msg}. {FIX}.")
+
+
+def check_host(engine: StreamEngine, stage: str, window_tokens: int = 0) -> None:
+    """``masters``: before adopting the weights (counts what the master buffers add to the model as given);
+    ``states``: before allocating optimizer states; ``stash``: before (re)allocating the stash slots."""
+    store = engine.store
+    n = sum(lay.numel for lay in store.layouts)
+    if stage == "masters":
+        es = torch.empty((), dtype=DTYPES[engine.formats.master]).element_size()
+        given = sum(p.numel() * p.element_size() for b in engine.blocks for p in b.params.values() if p.device.type == "cpu")
+        extra = max(0, sum(s.numel for lay in store.layouts for s in lay.slots) * es - given)
+        parts = {f"{engine.formats.master} master weights (beyond the model as given)": extra}
+    elif stage == "states":
+        extra = int(n * state_bytes(engine.formats.states))
+        parts = {f"{engine.formats.states} optimizer states": extra}
+    else:
+        pool_bytes = engine.pool.nbytes(window_tokens)
+        old = sum(t.numel() for t in engine.pool.slots)
+        extra = max(0, sum(pool_bytes.values()) - old)
+        parts = {"activation stash": pool_bytes["activation_stash"], "stored gradients": pool_bytes["gradients"]}
+    if not _fits(engine, extra):
+        _refuse(engine, parts, extra)
+
+
+def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int, stash_every: int | None) -> dict:
+    fm = engine.formats
+    cfg = engine.anat.model.config
+    return estimate_stream_memory(
+        block_params=[sum(p.numel() for p in b.params.values()) for b in engine.blocks],
+        hidden_size=engine.hidden_size,
+        intermediate_size=getattr(cfg, "intermediate_size", 4 * engine.hidden_size),
+        vocab_size=engine.anat.head.out_features,
+        tokens_per_micro_batch=tokens_per_micro_batch, micro_batches=micro_batches,
+        compute_bytes=torch.empty((), dtype=engine.compute_dtype).element_size(),
+        state_format=fm.states, loss_chunk_tokens=engine.options.loss_chunk_tokens, masters_exist=True,
+        master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1)
+
+
+def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
+    """Host bytes of the stash pool with ``stash_every=n`` (see :class:`~hf_lowmem.engine.store.StashPool`)."""
+    from hf_lowmem.engine.estimate import stash_host_bytes
+
+    cb = torch.empty((), dtype=engine.compute_dtype).element_size()
+    lays = engine.store.layouts
+    # per-parameter bytes from the padded layout, so the figure is what StashPool allocates (to a few KiB)
+    per = [grad_bytes(lay.numel, engine.formats.grads, cb) for lay in lays]
+    parts = stash_host_bytes([max(1, p) for p in per], window_tokens * engine.hidden_size * cb,
+                             grad_bytes_per_param=1.0, stash_every=n)
+    return sum(parts.values())
+
+
+def gpu_budget(engine: StreamEngine) -> int | None:
+    if not engine.dev.cuda:
+        return None
+    declared = parse_bytes(engine.options.gpu_memory, "gpu_memory")
+    if declared:
+        return declared
+    device = engine.dev.device
+    free, total = torch.cuda.mem_get_info(device)
+    try:
+        frac = torch.cuda.get_per_process_memory_fraction(device)
+    except (AttributeError, RuntimeError):
+        frac = 1.0
+    return min(free, int(total * frac) - torch.cuda.memory_allocated(device))
+
+
+def plan_window(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int) -> int:
+    """``stash_every`` for this run (the option, or the smallest n whose stash fits the host budget) after
+    checking host and GPU memory for it (when ``check_memory``)."""
+    window_tokens = tokens_per_micro_batch * micro_batches
+    n_layers = engine.anat.num_layers
+    fixed = engine.stash_every
+    check = engine.options.check_memory
+
+    def host_ok(n: int) -> bool:
+        return _fits(engine, _pool_bytes(engine, window_tokens, n))
+
+    if fixed is not None:
+        n = fixed
+    else:
+        n = smallest_stash_every(host_ok, n_layers) or (n_layers if check else 1)
+    if check and not host_ok(n):
+        need = _pool_bytes(engine, window_tokens, n)
+        _refuse(engine, {f"activation stash and stored gradients, stash_every={n}": need}, need)
+    budget = gpu_budget(engine)
+    if check and budget is not None:
+        est = estimate(engine, tokens_per_micro_batch, micro_batches, n)
+        if est["gpu_bytes"] > budget:
+            why = (f" (stash_every={n} was needed to fit the host budget)" if fixed is None and n > 1 else "")
+            raise MemoryBudgetError(
+                f"the stream engine needs about {est['gpu_bytes'] / GiB:.2f} GiB of GPU memory for micro-batches of "
+                f"{tokens_per_micro_batch} tokens ({micro_batches} per window){why}, but {budget / GiB:.2f} GiB is "
+                "available to this process. Use a smaller per_device_train_batch_size (and more "
+                "gradient_accumulation_steps), shorter sequences, or a smaller stash_every. Breakdown (GiB): "
+                + ", ".join(f"{k}={v / GiB:.2f}" for k, v in est["gpu"].items()))
+    return n
