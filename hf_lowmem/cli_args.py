@@ -19,8 +19,9 @@ import difflib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_lowmem.errors import PluginError
 
@@ -47,7 +48,7 @@ class UsageError(PluginError):
 class OneLineErrors:
     """argparse mixin: a usage error is one line on stderr and exit status 2 (no usage block)."""
 
-    def error(self, message: str):  # noqa: D102 - argparse API
+    def error(self, message: str):
         prog = getattr(self, "prog", "hf-lowmem")
         sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
         raise SystemExit(2)
@@ -122,7 +123,7 @@ def check_model_name(flag: str, spec: str, presets: Sequence[str] = ()) -> None:
         from huggingface_hub import try_to_load_from_cache
 
         cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
-    except Exception:  # not a valid repo id at all
+    except (ValueError, OSError):  # not a valid repo id at all
         cached = False
     if cached:
         return
@@ -138,14 +139,11 @@ def load_config(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file")
     text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    import yaml
 
-            data = yaml.safe_load(text)
-    except Exception as e:
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
         raise UsageError(f"--config {path}: cannot read it as {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: "
                          f"{str(e).splitlines()[0]}") from None
     if data is None:

@@ -132,6 +132,7 @@ def _table(title: str, rows: dict[str, int], total_label: str, extra: dict[str, 
 
 def render(plan, show_all: bool = False) -> str:
     from hf_lowmem.planner import GPU_COMPONENTS, fmt_gib
+    from hf_lowmem.sizes import fmt_count, fmt_seconds
 
     su, sh = plan.setup, plan.shape
     lines = [f"model:    {sh.describe()}", f"training: {su.describe()}",
@@ -156,8 +157,9 @@ def render(plan, show_all: bool = False) -> str:
         tok_s = su.window_tokens / e.seconds_per_step if e.seconds_per_step else None
         lossy = "lossless" if c.lossless else "lossy (changes the results slightly: see `hf-lowmem plugins`)"
         lines.append(f"PLAN: {c.label}")
-        lines.append(f"  speed {e.speed:.2f}" + (f" (~{e.seconds_per_step:.2f} s per optimizer step, ~{tok_s:,.0f} tokens/s "
-                                                 "modelled)" if tok_s else "") + f"; {lossy}")
+        rate = (f"{tok_s:,.0f}" if tok_s < 1e6 else fmt_count(tok_s)) if tok_s else ""
+        lines.append(f"  speed {e.speed:.2f}" + (f" (~{fmt_seconds(e.seconds_per_step)} per optimizer step, ~{rate} "
+                                                 "tokens/s modelled)" if tok_s else "") + f"; {lossy}")
         py, cli = _arguments_text(c.lowmem_arguments())
         lines.append(f"  Python: {py}")
         lines.append(f"  CLI:    hf-lowmem train ... {cli}")

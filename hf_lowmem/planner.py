@@ -60,7 +60,7 @@ GPU_COMPONENTS = ("weights", "gradients", "optimizer states", "activations", "lo
 # =====================================================================================================
 # sizes
 # =====================================================================================================
-from hf_lowmem.sizes import parse_size  # noqa: E402,F401  (re-exported: the one size parser)
+from hf_lowmem.sizes import fmt_count, parse_size  # noqa: E402,F401  (re-exported: the one size parser)
 
 
 def gib(nbytes: float) -> float:
@@ -188,7 +188,7 @@ class ModelShape:
 
     def describe(self) -> str:
         gqa = f", {self.n_kv_heads} KV heads" if self.n_kv_heads != self.n_heads else ""
-        return (f"{self.name}: {self.params_total / 1e9:.2f}B params ({self.model_type}, {self.n_layers} layers, "
+        return (f"{self.name}: {fmt_count(self.params_total)} params ({self.model_type}, {self.n_layers} layers, "
                 f"hidden {self.hidden}, MLP {self.intermediate}, {self.n_heads} heads{gqa}, vocab {self.vocab}"
                 f"{', tied embeddings' if self.tied else ''})")
 
@@ -1362,7 +1362,7 @@ class Plan:
 
     def budget_error(self) -> MemoryBudgetError:
         su, sh = self.setup, self.shape
-        what = (f"{sh.name} ({sh.params_total / 1e9:.2f}B params) at micro-batch {su.micro_batch} x seq {su.seq_len}"
+        what = (f"{sh.name} ({fmt_count(sh.params_total)} params) at micro-batch {su.micro_batch} x seq {su.seq_len}"
                 + (f" x {su.grad_accum} accumulation" if su.grad_accum > 1 else ""))
         fixed = {k: v for k, v in self.constraints.items() if v}
         with_sel = f" with your selection ({', '.join(f'{k}={v}' for k, v in fixed.items())})" if fixed else ""

@@ -327,3 +327,21 @@ def test_readme_plugin_table_lists_every_first_party_plugin():
     listed = {line.split("|")[2].strip().strip("`") for line in table.strip().splitlines()[2:]}
     first_party = {i.name for i in load_plugins().registry if i.distribution == "hf-lowmem"}
     assert listed == first_party, "README plugin table is stale: python examples/plugin_table.py --write"
+
+
+# ---- counts, times and sizes read right at every scale -----------------------------------------------------------
+def test_plan_of_a_tiny_model_prints_counts_and_times_at_their_scale(tiny_cfg):
+    r = sh([str(BIN), "plan", "--model", str(tiny_cfg / "config.json"), "--gpu_memory", "8GiB", "--host_memory", "16GiB"])
+    assert r.returncode == 0, r.stderr
+    model_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("model:"))
+    assert "K params" in model_line and "0.00B" not in model_line, model_line
+    speed = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("speed "))
+    assert "0.00 s" not in speed and "M tokens/s" in speed and "µs per optimizer step" in speed, speed
+
+
+def test_fmt_helpers():
+    from hf_lowmem.sizes import fmt_count, fmt_seconds
+
+    assert [fmt_count(n) for n in (812, 48_300, 791_808, 135e6, 6.74e9)] == ["812", "48.3K", "792K", "135M", "6.74B"]
+    assert [fmt_seconds(s) for s in (4.83e-6, 0.0417, 3.214, 750, 8640)] == ["4.83 µs", "41.7 ms", "3.21 s",
+                                                                              "12.5 min", "2.4 h"]
