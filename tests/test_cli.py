@@ -179,17 +179,6 @@ def test_demo_prints_one_summary_and_leaves_no_folder_behind(tmp_path):
     assert "K params" in out  # a count, not "0.79M" or "0.00B"
 
 
-@pytest.mark.slow
-def test_demo_default_run_shows_the_loss_falling(tmp_path):
-    """The README's main command, as stated (300 steps). How long it takes is measured in notes/first-hour.md,
-    not asserted: wall time depends on what else the machine runs."""
-    r = sh([str(BIN), "demo", "--json", "--cpu"], timeout=3600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout)
-    assert s["last_logged_loss"] < 0.7 * s["first_logged_loss"]
-    assert s["eval_loss_after"] < s["eval_loss_before"]
-
-
 # ---- one flag style, one-line errors ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory):
