@@ -94,8 +94,7 @@ def _train(a: argparse.Namespace, output_dir: str) -> dict:
     trainer = LowMemTrainer(model=model, args=args, train_dataset=train, eval_dataset=evald)
     device = "cuda" if use_cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(f"hf-lowmem demo: Llama, {fmt_count(n_params)} params, {a.steps} steps of "
-          f"{a.batch_size}x{a.grad_accum}x{a.seq_len} tokens on {device}; plugins: "
-          f"{', '.join(trainer.lowmem_ctx.selection.names()) or 'none'}", flush=True)
+          f"{a.batch_size}x{a.grad_accum}x{a.seq_len} tokens on {device}", flush=True)
     eval_before = trainer.evaluate()["eval_loss"]
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 from transformers import Trainer
 
+from hf_lowmem.announce import announce
 from hf_lowmem.args import LowMemFields, upgrade_args
 from hf_lowmem.context import LowMemContext, distributed_mode
 from hf_lowmem.errors import PluginError
@@ -62,6 +63,7 @@ class LowMemTrainerMixin:
                 raise PluginError(f"plugin(s) {names} declare an engine but none was created")
             self.lowmem_engine = engine
             self.accelerator.device_placement = False
+        announce(ctx, args)  # one line: the active plugins and what they replaced
 
     # ---- placement --------------------------------------------------------------------------------
     def _move_model_to_device(self, model, device):

@@ -334,3 +334,16 @@ def test_fmt_helpers():
     assert [fmt_count(n) for n in (812, 48_300, 791_808, 135e6, 6.74e9)] == ["812", "48.3K", "792K", "135M", "6.74B"]
     assert [fmt_seconds(s) for s in (4.83e-6, 0.0417, 3.214, 750, 8640)] == ["4.83 µs", "41.7 ms", "3.21 s",
                                                                               "12.5 min", "2.4 h"]
+
+
+def test_the_trainer_says_which_plugins_are_active_and_what_they_replaced(tmp_path, capsys):
+    from hf_lowmem import LowMemTrainer
+    from tests.tiny import RandomTokens, tiny_model, train_args
+
+    LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, lowmem_optimizer="adamw", optim="adafactor",
+                                                      lowmem_offload=["gradient-checkpointing"]),
+                  train_dataset=RandomTokens(n=4))
+    LowMemTrainer(model=tiny_model(), args=train_args(tmp_path), train_dataset=RandomTokens(n=4))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("hf-lowmem: ")]
+    assert lines == ["hf-lowmem: optimizer adamw (instead of optim=adafactor), offload gradient-checkpointing",
+                     "hf-lowmem: no plugin selected: the plain Trainer (`hf-lowmem plugins` lists them)"]
