@@ -57,32 +57,34 @@ TESTED = {
 SUBSTITUTIONS = {
     "bf16": ("bf16=True,", "bf16=True, use_cpu=True,"),  # the Trainer refuses bf16 without a GPU unless use_cpu
     "trl_cpu": ('(output_dir="out", lowmem_optimizer', '(output_dir="out", use_cpu=True, lowmem_optimizer'),  # SFTConfig: bf16
-    "ddp_cpu": ("--num_processes 4", "--num_processes 2 --mixed_precision no --main_process_port 0"),  # 2 cores, no bf16
+    "ddp_cpu": ("--num_processes 4", "--num_processes 2 --mixed_precision no --main_process_port 0"),  # < 4 GPUs: CPU
 }
 
-CUDA = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"], check=False,
-                      capture_output=True, text=True).stdout.strip() == "True"
+GPUS = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], check=False,
+                          capture_output=True, text=True).stdout.strip() or 0)
+CUDA = GPUS > 0
 
 
-def substitute(text: str, *names: str) -> str:
+def substitute(text: str, *names: str, apply: bool | None = None) -> str:
+    """The named substitutions, applied where there is no GPU (or where ``apply`` says)."""
     for name in names:
         old, new = SUBSTITUTIONS[name]
         assert old in text, f"substitution {name!r} no longer applies: {old!r} is not in the README block"
-        if not CUDA:
+        if (not CUDA) if apply is None else apply:
             text = text.replace(old, new)
     return text
 
 
-def env() -> dict:
+def env(**extra: str) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_LOWMEM_")}
     e.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-              "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+              "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}, **extra)
     return e
 
 
-def run_bash(text: str, cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", text], check=False, capture_output=True, text=True, cwd=cwd, env=env(),
-                       timeout=timeout)
+def run_bash(text: str, cwd: Path, timeout: int = 1800, **extra_env: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", text], check=False, capture_output=True, text=True, cwd=cwd,
+                       env=env(**extra_env), timeout=timeout)
     assert r.returncode == 0, f"{text}\n--- stderr:\n{r.stderr[-4000:]}"
     return r
 
@@ -172,12 +174,15 @@ def test_train_with_a_config(tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch(tmp_path):
+    """As written on 4+ GPUs; elsewhere on 2 CPU processes (with fewer than 4 GPUs, the GPUs are hidden)."""
+    on_cpu = GPUS < 4
     text = substitute(block("accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 4 "
-                            "examples/train_tiny.py --optimizer bnb-adamw8bit"), "ddp_cpu")
+                            "examples/train_tiny.py --optimizer bnb-adamw8bit"), "ddp_cpu", apply=on_cpu)
     text = text.replace("examples/", f"{ROOT}/examples/")  # run from tmp_path: the example writes out/ there
-    run_bash(f"{text.strip()} --losses-out {tmp_path / 'losses.json'}", tmp_path)
+    run_bash(f"{text.strip()} --losses-out {tmp_path / 'losses.json'}", tmp_path,
+             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else {}))
     res = json.loads((tmp_path / "losses.json").read_text())
-    assert res["world_size"] == (4 if CUDA else 2) and res["mode"] == "ddp" and res["plugins"] == ["bnb-adamw8bit"]
+    assert res["world_size"] == (2 if on_cpu else 4) and res["mode"] == "ddp" and res["plugins"] == ["bnb-adamw8bit"]
     assert res["losses"][-1] < res["losses"][0]
 
 
