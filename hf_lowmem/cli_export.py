@@ -24,14 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="precision of the export (default: the original precision; float32 for onnx)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT once the new export has validated")
-    p.add_argument("--no-validate", dest="validate", action="store_false",
+    p.add_argument("--no_validate", dest="validate", action="store_false",
                    help="skip the comparison with PyTorch (not recommended)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest allowed absolute logit difference (default: relative to the largest logit, by dtype)")
-    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+    p.add_argument("--onnx_exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="auto: torch.onnx dynamo exporter, falling back to the TorchScript-based one")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
-    p.add_argument("--attn-implementation", default=None,
+    p.add_argument("--attn_implementation", default=None,
                    help="attention used while exporting (default: sdpa where the model supports it, else eager)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 

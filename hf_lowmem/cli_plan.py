@@ -1,6 +1,6 @@
 """``hf-lowmem plan``: will this model train in this much memory, and how?
 
-    hf-lowmem plan --model llama2-7b --gpu-memory 8GiB --host-memory 64GiB --seq-len 2048 --batch-size 4 --grad-accum 8
+    hf-lowmem plan --model llama2-7b --gpu_memory 8GiB --host_memory 64GiB --seq_len 2048 --batch_size 4 --grad_accum 8
 
 Reads the model's configuration only (a preset name, a ``config.json``, a model folder or a cached hub id;
 the model is built on the meta device, so no weight is loaded and no memory is allocated), estimates every
@@ -22,12 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True,
                    help=f"a preset ({', '.join(preset_names())}), a config.json, a model folder or a cached hub id")
-    p.add_argument("--gpu-memory", default=None,
-                   help="GPU memory budget, e.g. 8GiB (GB = GiB). Default: this machine's GPU, if it has one")
-    p.add_argument("--host-memory", default=None, help="host RAM budget, e.g. 64GiB. Default: this machine's RAM")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (per_device_train_batch_size)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--gpu_memory", default=None,
+                   help="GPU memory budget, e.g. 8GiB (an 8 GB card; 8GB is 10^9 bytes each). Default: this machine's GPU, if it has one")
+    p.add_argument("--host_memory", default=None, help="host RAM budget, e.g. 64GiB. Default: this machine's RAM")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences per micro-batch (per_device_train_batch_size)")
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--precision", default="bf16-mixed", choices=PRECISIONS,
                    help="bf16-mixed: fp32 weights + bf16 autocast (Trainer bf16=True; default); bf16: bf16 weights; fp32")
     p.add_argument("--attention", default="sdpa", choices=ATTN_IMPLS, help="the model's attention implementation")
@@ -35,12 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require", action="append", default=[], metavar="PLUGIN",
                    help="a plugin every plan must use (repeatable), e.g. --require bnb-adamw8bit")
     p.add_argument("--options", default=None, help='per-plugin options as JSON, e.g. \'{"gradient-checkpointing": {"every_n": 2}}\'')
-    p.add_argument("--lossless-only", action="store_true", help="only plugins that do not change the results")
-    p.add_argument("--assume-installed", action="store_true",
+    p.add_argument("--lossless_only", action="store_true", help="only plugins that do not change the results")
+    p.add_argument("--assume_installed", action="store_true",
                    help="plan as if every plugin's packages were installed (planning for another machine)")
     p.add_argument("--tflops", type=float, default=None,
                    help="the GPU's dense bf16 matmul rate for the speed model (default: 784, measured on our H200)")
-    p.add_argument("--pcie-gbps", type=float, default=None,
+    p.add_argument("--pcie_gbps", type=float, default=None,
                    help="host<->GPU copy rate per direction, GB/s, for the speed model (default: 55, PCIe Gen5 x16 pinned)")
     p.add_argument("--all", action="store_true", help="list every candidate, not only the interesting alternatives")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -69,10 +69,10 @@ def make_plan(a: argparse.Namespace):
         import torch
 
         if not torch.cuda.is_available():
-            raise PluginError("this machine has no CUDA GPU: give the budget to plan for, e.g. --gpu-memory 8GiB")
+            raise PluginError("this machine has no CUDA GPU: give the budget to plan for, e.g. --gpu_memory 8GiB")
         a.gpu_memory = torch.cuda.get_device_properties(0).total_memory
-    gpu = parse_size(a.gpu_memory, "--gpu-memory")
-    host_b = parse_size(a.host_memory, "--host-memory") if a.host_memory else host_memory_bytes()
+    gpu = parse_size(a.gpu_memory, "--gpu_memory")
+    host_b = parse_size(a.host_memory, "--host_memory") if a.host_memory else host_memory_bytes()
     overrides = {"num_hidden_layers": a.layers} if a.layers else {}
     shape = load_model_shape(a.model, **overrides)
     setup = TrainSetup(micro_batch=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, precision=a.precision,
@@ -132,6 +132,7 @@ def _table(title: str, rows: dict[str, int], total_label: str, extra: dict[str, 
 
 def render(plan, show_all: bool = False) -> str:
     from hf_lowmem.planner import GPU_COMPONENTS, fmt_gib
+    from hf_lowmem.sizes import fmt_count, fmt_seconds
 
     su, sh = plan.setup, plan.shape
     lines = [f"model:    {sh.describe()}", f"training: {su.describe()}",
@@ -156,8 +157,9 @@ def render(plan, show_all: bool = False) -> str:
         tok_s = su.window_tokens / e.seconds_per_step if e.seconds_per_step else None
         lossy = "lossless" if c.lossless else "lossy (changes the results slightly: see `hf-lowmem plugins`)"
         lines.append(f"PLAN: {c.label}")
-        lines.append(f"  speed {e.speed:.2f}" + (f" (~{e.seconds_per_step:.2f} s per optimizer step, ~{tok_s:,.0f} tokens/s "
-                                                 "modelled)" if tok_s else "") + f"; {lossy}")
+        rate = (f"{tok_s:,.0f}" if tok_s < 1e6 else fmt_count(tok_s)) if tok_s else ""
+        lines.append(f"  speed {e.speed:.2f}" + (f" (~{fmt_seconds(e.seconds_per_step)} per optimizer step, ~{rate} "
+                                                 "tokens/s modelled)" if tok_s else "") + f"; {lossy}")
         py, cli = _arguments_text(c.lowmem_arguments())
         lines.append(f"  Python: {py}")
         lines.append(f"  CLI:    hf-lowmem train ... {cli}")

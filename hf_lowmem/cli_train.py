@@ -3,7 +3,8 @@
     hf-lowmem train --model PATH_OR_HUB_ID_OR_CONFIG.json --data FILE_OR_FOLDER_OR_DATASET \
         --output_dir out --max_steps 100 --lowmem_optimizer bnb-adamw8bit
 
-Every ``TrainingArguments`` and ``LowMemTrainingArguments`` flag works (``--help`` lists them).
+Every ``TrainingArguments`` and ``LowMemTrainingArguments`` flag works (``--help_all`` lists them; ``--help`` the
+common ones); ``--config FILE.yaml`` reads them from a file (see :mod:`hf_lowmem.cli_args`).
 """
 
 from __future__ import annotations
@@ -39,14 +40,12 @@ def build_model(spec: str, dtype: str = "float32"):
 
 
 def run_argv(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
     from hf_lowmem.args import LowMemTrainingArguments
+    from hf_lowmem.cli_args import parse_train_argv
     from hf_lowmem.textdata import load_text_dataset, tokenizer_for
     from hf_lowmem.trainer import LowMemTrainer
 
-    parser = HfArgumentParser((ModelDataArguments, LowMemTrainingArguments), prog="hf-lowmem train")
-    margs, targs = parser.parse_args_into_dataclasses(args=argv)
+    margs, targs = parse_train_argv((ModelDataArguments, LowMemTrainingArguments), argv)  # --config, short --help
     if targs.lowmem_gpu_memory:  # plan from the config alone: a budget no plan meets fails before weights load
         from hf_lowmem.errors import MemoryBudgetError
 

@@ -91,3 +91,17 @@ def size_arg(nbytes: float) -> str:
     if nbytes >= GiB:
         return f"{gib_up(nbytes):g}GiB"
     return f"{max(1, math.ceil(nbytes / MiB))}MiB"
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A duration at any scale: ``2.4 h``, ``12.5 min``, ``3.21 s``, ``41.7 ms``, ``380 µs``."""
+    s = float(seconds)
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 from transformers import Trainer
 
+from hf_lowmem.announce import announce
 from hf_lowmem.args import LowMemFields, upgrade_args
 from hf_lowmem.context import LowMemContext, distributed_mode
 from hf_lowmem.errors import PluginError
@@ -72,6 +73,7 @@ class LowMemTrainerMixin:
                 raise PluginError(f"plugin(s) {names} declare an engine but none was created")
             self.lowmem_engine = engine
             self.accelerator.device_placement = False
+        announce(ctx, args)  # one line: the active plugins and what they replaced
 
     # ---- training: resume checks, signals --------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, *rest, **kwargs):

@@ -90,7 +90,6 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_micro_batch(tmp_path
     dist = ddp_matches_single(tmp_path, "ddp.yaml", args, launch_single=optimizer is None)
     assert dist["mode"] == "ddp"
     assert dist["plugins"] == ([optimizer] if optimizer else [])
-    assert dist["seconds"] < 90
 
 
 def test_fsdp2_config_launches_two_processes_in_fsdp_mode(tmp_path):
@@ -100,7 +99,6 @@ def test_fsdp2_config_launches_two_processes_in_fsdp_mode(tmp_path):
     measured on GPUs by bench/multigpu.py."""
     dist = ddp_matches_single(tmp_path, "fsdp2.yaml", ["--optimizer", "adamw"])
     assert dist["mode"] == "fsdp" and dist["plugins"] == ["adamw"]
-    assert dist["seconds"] < 90
 
 
 # ---- the configs themselves ----------------------------------------------------------------------------------

@@ -135,14 +135,6 @@ def test_plugins_with_an_allow_list_shows_what_is_blocked():
     assert set(blocked) == set(first_party_entry_points()) - {"core"}
 
 
-def test_train_help_lists_model_data_and_lowmem_flags():
-    r = sh([str(BIN), "train", "--help"])
-    assert r.returncode == 0, r.stderr
-    for flag in ("--model", "--data", "--block_size", "--lowmem_optimizer", "--lowmem_offload", "--lowmem_options",
-                 "--learning_rate", "--output_dir"):
-        assert flag in r.stdout, flag
-
-
 def test_train_from_a_config_and_a_text_folder(tmp_path):
     from tests.tiny import tiny_config
 
@@ -167,29 +159,132 @@ def test_train_rejects_an_unknown_plugin_before_loading_the_model(tmp_path):
 
 
 def test_demo_short_run(tmp_path):
-    r = sh([str(BIN), "demo", "--steps", "6", "--cpu", "--json", "--output-dir", str(tmp_path)], timeout=180)
+    r = sh([str(BIN), "demo", "--steps", "6", "--cpu", "--json", "--output_dir", str(tmp_path)], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    summary = json.loads(r.stdout)  # with --json, stdout is the JSON alone
     assert summary["device"] == "cpu" and summary["steps"] == 6 and summary["params_m"] > 0.5
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    assert summary["peak_host_rss_gib"] > 0
+    assert summary["peak_host_rss_gib"] > 0 and summary["tokens_per_s"] > 0
+    # --output_dir given: the trained model is saved there, ready for `hf-lowmem export`
+    assert summary["saved_to"] == str(tmp_path) and (tmp_path / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_demo_default_run_shows_the_loss_falling(tmp_path):
-    """The README's main command, as stated (300 steps), within the issue's budget of 3 minutes on a
-    2-core CPU. Wall time depends on what else the machine runs: the CPU time is in the message."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = sh([str(BIN), "demo", "--json", "--cpu", "--output-dir", str(tmp_path)], timeout=900)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def test_demo_prints_one_summary_and_leaves_no_folder_behind(tmp_path):
+    r = sh([str(BIN), "demo", "--max-steps", "3", "--use_cpu"], timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    s = json.loads(r.stdout.strip().splitlines()[-1])
-    assert s["last_logged_loss"] < 0.7 * s["first_logged_loss"]
-    assert s["eval_loss_after"] < s["eval_loss_before"]
-    assert s["seconds"] < 180, f"demo training took {s['seconds']} s of wall time ({cpu:.0f} s of CPU time)"
+    assert list(tmp_path.iterdir()) == []  # no empty out/demo
+    out = r.stdout
+    assert out.count("peak host RSS") == 1 and out.count("tokens/s") == 1, out
+    assert out.count("hf-lowmem demo: loss ") == 1 and "eval loss" in out
+    assert "K params" in out  # a count, not "0.79M" or "0.00B"
+
+
+# ---- one flag style, one-line errors ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cfg(tmp_path_factory):
+    from tests.tiny import tiny_config
+
+    d = tmp_path_factory.mktemp("cfg")
+    tiny_config(vocab_size=256).save_pretrained(d)
+    (d / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    return d
+
+
+@pytest.mark.parametrize("spelling", ["underscore", "dash"])
+def test_plan_takes_the_trainers_flag_style_and_the_dashed_one(tiny_cfg, spelling):
+    flags = ["--gpu_memory", "8GiB", "--host_memory", "16GiB", "--seq_len", "64", "--batch_size", "2", "--json"]
+    if spelling == "dash":
+        flags = [f.replace("_", "-") if f.startswith("--") else f for f in flags]
+    r = sh([str(BIN), "plan", "--model", str(tiny_cfg / "config.json"), *flags])
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["gpu_budget_gib"] == 8.0 and plan["host_budget_gib"] == 16.0
+    assert plan["setup"]["seq_len"] == 64 and plan["setup"]["micro_batch"] == 2
+
+
+def test_every_subcommand_help_writes_flags_with_underscores():
+    import re
+
+    for cmd in ("demo", "plan", "export", "plugins", "train"):
+        r = sh([str(BIN), cmd, "--help"])
+        assert r.returncode == 0, (cmd, r.stderr)
+        dashed = {f for f in re.findall(r"--[a-z0-9]+(?:[-_][a-z0-9]+)+", r.stdout) if "-" in f[2:]}
+        assert not dashed - {"--help-all"}, (cmd, dashed)
+
+
+def test_train_help_is_short_and_help_all_lists_every_flag():
+    r = sh([str(BIN), "train", "--help"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) < 100, len(lines)
+    for flag in ("--model", "--data", "--block_size", "--lowmem_optimizer", "--lowmem_offload", "--lowmem_options",
+                 "--learning_rate", "--output_dir", "--config", "--help_all"):
+        assert flag in r.stdout, flag
+    assert "--adam_beta1" not in r.stdout
+    r = sh([str(BIN), "train", "--help_all"])
+    assert r.returncode == 0 and "--adam_beta1" in r.stdout and "--lowmem_plot" in r.stdout
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in err[0], err[0]
+    return err[0]
+
+
+def test_train_errors_are_one_line(tmp_path, tiny_cfg):
+    base = [str(BIN), "train", "--output_dir", str(tmp_path / "o"), "--use_cpu"]
+    model, data = ["--model", str(tiny_cfg / "config.json")], ["--data", str(tiny_cfg / "text.txt")]
+    one_line_error(sh(base + model + data + ["--lowmem_optimizer", "adamv"]), "unknown optimizer plugin 'adamv'", "adamw")
+    one_line_error(sh(base + model), "the following arguments are required: --data", "hf-lowmem train --help")
+    one_line_error(sh(base + model + data + ["--lowmem_optimiser", "adamw"]), "unknown flag --lowmem_optimiser",
+                   "did you mean --lowmem_optimizer")
+    one_line_error(sh(base + model + data + ["--lowmem_gpu_memory", "8"]), "'8GiB'")
+    # local-looking paths that do not exist are refused at once, not looked up on the Hub
+    hub = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    one_line_error(sh(base + model + ["--data", "nosuch.txt"], env=hub), "--data nosuch.txt: no such file or folder")
+    one_line_error(sh(base + ["--model", "./nosuch"] + data, env=hub), "--model ./nosuch: no such file or folder")
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_cfg):
+    args = ["train", "--model", str(tiny_cfg / "config.json"), "--data", str(tiny_cfg / "text.txt"),
+            "--output_dir", str(tmp_path), "--use_cpu", "--lowmem_optimizer", "adamv"]
+    for r in (sh([str(BIN), "--debug", *args]), sh([str(BIN), *args], env={"HF_LOWMEM_DEBUG": "1"})):
+        assert r.returncode != 0 and "Traceback" in r.stderr and "PluginError" in r.stderr
+
+
+def test_plan_with_a_preset_typo_answers_without_asking_the_hub():
+    # were the Hub asked, the answer would be a connection error (the endpoint refuses), not the suggestion
+    r = sh([str(BIN), "plan", "--model", "llama-7b", "--gpu_memory", "8GiB"],
+           env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    one_line_error(r, "--model llama-7b", "did you mean", "llama2-7b")
+
+
+def test_train_reads_a_config_file_and_flags_override_it(tmp_path, tiny_cfg):
+    import torch
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {tiny_cfg / 'config.json'}\n"  # TRL's key for --model
+        f"data: {tiny_cfg / 'text.txt'}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "max_steps: 2\nblock_size: 32\nper_device_train_batch_size: 2\nuse_cpu: true\nreport_to: none\n"
+        "disable_tqdm: true\nlowmem_optimizer: adamw\nlowmem_offload: [gradient-checkpointing]\n"
+        'lowmem_options: {"gradient-checkpointing": {"every_n": 2}}\n'
+    )
+    r = sh([str(BIN), "train", "--config", str(cfg), "--max_steps", "3", "--learning-rate", "0.01"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert args.max_steps == 3 and args.learning_rate == 0.01  # the command line wins
+    assert args.per_device_train_batch_size == 2 and args.lowmem_offload == ["gradient-checkpointing"]
+    assert args.lowmem_options == {"gradient-checkpointing": {"every_n": 2}}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"learning_rat": 0.1}))
+    one_line_error(sh([str(BIN), "train", "--config", str(bad)]), "unknown key 'learning_rat'",
+                   "did you mean learning_rate")
 
 
 # ---- README and CI agree ----------------------------------------------------------------------------------------
@@ -221,3 +316,34 @@ def test_readme_plugin_table_lists_every_first_party_plugin():
     listed = {line.split("|")[2].strip().strip("`") for line in table.strip().splitlines()[2:]}
     first_party = {i.name for i in load_plugins().registry if i.distribution == "hf-lowmem"}
     assert listed == first_party, "README plugin table is stale: python examples/plugin_table.py --write"
+
+
+# ---- counts, times and sizes read right at every scale -----------------------------------------------------------
+def test_plan_of_a_tiny_model_prints_counts_and_times_at_their_scale(tiny_cfg):
+    r = sh([str(BIN), "plan", "--model", str(tiny_cfg / "config.json"), "--gpu_memory", "8GiB", "--host_memory", "16GiB"])
+    assert r.returncode == 0, r.stderr
+    model_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("model:"))
+    assert "K params" in model_line and "0.00B" not in model_line, model_line
+    speed = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("speed "))
+    assert "0.00 s" not in speed and "M tokens/s" in speed and "µs per optimizer step" in speed, speed
+
+
+def test_fmt_helpers():
+    from hf_lowmem.sizes import fmt_count, fmt_seconds
+
+    assert [fmt_count(n) for n in (812, 48_300, 791_808, 135e6, 6.74e9)] == ["812", "48.3K", "792K", "135M", "6.74B"]
+    assert [fmt_seconds(s) for s in (4.83e-6, 0.0417, 3.214, 750, 8640)] == ["4.83 µs", "41.7 ms", "3.21 s",
+                                                                              "12.5 min", "2.4 h"]
+
+
+def test_the_trainer_says_which_plugins_are_active_and_what_they_replaced(tmp_path, capsys):
+    from hf_lowmem import LowMemTrainer
+    from tests.tiny import RandomTokens, tiny_model, train_args
+
+    LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, lowmem_optimizer="adamw", optim="adafactor",
+                                                      lowmem_offload=["gradient-checkpointing"]),
+                  train_dataset=RandomTokens(n=4))
+    LowMemTrainer(model=tiny_model(), args=train_args(tmp_path), train_dataset=RandomTokens(n=4))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("hf-lowmem: ")]
+    assert lines == ["hf-lowmem: optimizer adamw (instead of optim=adafactor), offload gradient-checkpointing",
+                     "hf-lowmem: no plugin selected: the plain Trainer (`hf-lowmem plugins` lists them)"]

@@ -41,7 +41,11 @@ def load_and_run(fmt: str, out, ids, mask):
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0])
+        feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+        for i in sess.get_inputs()[2:]:  # the KV cache: positions 0..n-1 and an empty past (tests/test_export_kv_cache.py)
+            feed[i.name] = (torch.arange(ids.shape[1]).expand_as(ids).numpy() if i.name == "position_ids" else
+                            torch.zeros(ids.shape[0], i.shape[1], 0, i.shape[3]).numpy())
+        return torch.from_numpy(sess.run(["logits"], feed)[0])
     with torch.no_grad():
         if fmt == "torchscript":
             return torch.jit.load(str(out / "model.pt"))(ids, mask).float()
@@ -91,7 +95,8 @@ def test_export_validates_and_loads_back(tmp_path, monkeypatch, models, arch, fm
         graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
         for value in (*graph.input, *graph.output):
             dims = value.type.tensor_type.shape.dim
-            assert dims[0].dim_param and dims[1].dim_param and not dims[0].dim_value, (value.name, dims)
+            seq = 2 if value.name.startswith(("past_key_values.", "present.")) else 1  # (batch, kv heads, seq, dim)
+            assert dims[0].dim_param and dims[seq].dim_param and not dims[0].dim_value, (value.name, dims)
     # independently: load it as a user would and run an unseen shape
     ids, mask = fresh_inputs(model.config.vocab_size)
     got = load_and_run(fmt, out, ids, mask)

@@ -34,10 +34,13 @@ Formats (``OUT`` is a folder; each also gets the config, generation config, toke
     loading it with ``AutoModelForCausalLM.from_pretrained(OUT)`` and comparing logits with the source
     (the live model itself when it was given one).
 ``onnx``
-    ``model.onnx`` (+ ``model.onnx.data`` above ~1.8 GB of weights): inputs ``input_ids`` and
-    ``attention_mask`` (int64, dynamic batch and sequence), output ``logits``; no KV cache. The dynamo
-    exporter is tried first, then the TorchScript-based one. Float32 by default, since onnxruntime's
-    CPU kernels lack bfloat16. Validated with onnxruntime.
+    ``model.onnx`` (+ ``model.onnx.data`` above ~1.8 GB of weights) with the KV cache, as optimum's
+    text-generation-with-past: inputs ``input_ids``, ``attention_mask``, ``position_ids`` and
+    ``past_key_values.N.key/value``, outputs ``logits`` and ``present.N.key/value`` (dynamic batch and
+    lengths; :mod:`hf_lowmem.export.kv_cache`); a model without a standard cache gets ``input_ids``,
+    ``attention_mask`` -> ``logits``. The dynamo exporter is tried first, then the TorchScript-based one.
+    Float32 by default, since onnxruntime's CPU kernels lack bfloat16. Validated with onnxruntime, and
+    by generating 20 tokens greedily as PyTorch does.
 ``torchscript``
     ``model.pt``, ``torch.jit.trace`` of ``forward(input_ids, attention_mask) -> logits``; load with
     ``torch.jit.load``.

@@ -2,7 +2,8 @@
 
 Each ``write_*`` function writes into a fresh folder and returns a :class:`Written`: the artifact name,
 the exporter used, and a ``run(input_ids, attention_mask) -> logits`` that executes the artifact *as
-loaded back from disk*, so that validation tests what a user will deploy.
+loaded back from disk*, so that validation tests what a user will deploy. The ONNX graph carries the KV
+cache (:mod:`hf_lowmem.export.kv_cache`); its ``run`` feeds an empty past.
 """
 
 from __future__ import annotations
@@ -193,34 +194,61 @@ def require_onnx() -> None:
             raise MissingExtraError("export --format onnx", package, "onnx", e) from e
 
 
-def _onnx_once(model, path: Path, exporter: str, opset: int | None) -> None:
+def _onnx_once(model, path: Path, exporter: str, opset: int | None, layout=None) -> None:
+    """One export attempt: the graph with a KV cache when ``layout`` is given (see
+    :mod:`hf_lowmem.export.kv_cache`), else ``forward(input_ids, attention_mask) -> logits``."""
+    from hf_lowmem.export import kv_cache
+
     torch = _torch()
-    wrapper = logits_only(model)
-    ids, mask = example_inputs(model.config)
     external = _param_bytes(model) > ONNX_EXTERNAL_DATA_BYTES
-    common = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"], external_data=external)
+    if layout is not None:
+        wrapper = kv_cache.with_past(model, layout)
+        args = kv_cache.example(model.config, layout, EXAMPLE_SHAPE, next(model.parameters()).dtype)
+        names = (["input_ids", "attention_mask", "position_ids"] + layout.past_names(), ["logits"] + layout.present_names())
+    else:
+        wrapper = logits_only(model)
+        args = example_inputs(model.config)
+        names = (["input_ids", "attention_mask"], ["logits"])
+    common = {"input_names": names[0], "output_names": names[1], "external_data": external}
     if opset is not None:
         common["opset_version"] = opset
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":
-            torch.onnx.export(wrapper, (ids, mask), str(path), dynamo=True, dynamic_shapes=_dims(model.config),
+            shapes = kv_cache.export_axes(layout, model.config, dynamo=True) if layout is not None else _dims(model.config)
+            torch.onnx.export(wrapper, args, str(path), dynamo=True, dynamic_shapes=shapes,
                               verbose=False, artifacts_dir=str(path.parent), **common)
         else:
-            axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                    "logits": {0: "batch", 1: "sequence"}}
+            axes = (kv_cache.export_axes(layout, model.config, dynamo=False) if layout is not None else
+                    {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                     "logits": {0: "batch", 1: "sequence"}})
             common.setdefault("opset_version", 17)
-            torch.onnx.export(wrapper, (ids, mask), str(path), dynamo=False, dynamic_axes=axes, **common)
+            torch.onnx.export(wrapper, args, str(path), dynamo=False, dynamic_axes=axes, **common)
 
 
-def _ort_runner(path: Path):
-    import numpy as np
+def _ort_session(path: Path):
     import onnxruntime as ort
 
-    torch = _torch()
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(path: Path, with_past: bool):
+    """``run(input_ids, attention_mask) -> logits`` of the graph as loaded back (an empty past when it has
+    a KV cache), and the :class:`~hf_lowmem.export.kv_cache.OrtDecoder` (or ``None``)."""
+    import numpy as np
+
+    from hf_lowmem.export.kv_cache import OrtDecoder
+
+    torch = _torch()
+    session = _ort_session(path)
     names = [i.name for i in session.get_inputs()]
+    if with_past:
+        if names[:3] != ["input_ids", "attention_mask", "position_ids"] or len(names) < 5:
+            raise ExportError(f"the ONNX graph takes inputs {names[:5]}..., expected input_ids, attention_mask, "
+                              "position_ids and past_key_values.*")
+        decoder = OrtDecoder(session)
+        return decoder.logits, decoder
     if names != ["input_ids", "attention_mask"]:
         raise ExportError(f"the ONNX graph takes inputs {names}, expected ['input_ids', 'attention_mask']")
 
@@ -228,40 +256,55 @@ def _ort_runner(path: Path):
         out = session.run(["logits"], {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy().astype(np.int64)})[0]
         return torch.from_numpy(np.asarray(out))
 
-    return run
+    return run, None
 
 
 def write_onnx(model, folder: Path, *, exporter: str = "auto", opset: int | None = None,
                check: Callable[[Callable], None] | None = None) -> Written:
     """Export with the dynamo exporter, falling back to the TorchScript-based one (``exporter="auto"``).
-    ``check(run)`` validates an attempt; an attempt that fails to export, load or validate is removed
-    and the next exporter is tried. All failing: :class:`ExportError` with each exporter's reason."""
+    A model that returns a standard KV cache is exported with it (past_key_values inputs, present outputs;
+    :mod:`hf_lowmem.export.kv_cache`), and validated by greedy generation too; should no exporter manage the
+    cache, the graph is exported without it, with a note. ``check(run)`` validates an attempt's logits; an
+    attempt that fails to export, load or validate is removed and the next one is tried. All failing:
+    :class:`ExportError` with each attempt's reason."""
+    from hf_lowmem.export._common import RTOL
+    from hf_lowmem.export.kv_cache import cache_layout, check_generation
+
     torch = _torch()
     require_onnx()
     order = ONNX_EXPORTERS if exporter == "auto" else (exporter,)
     if any(e not in ONNX_EXPORTERS for e in order):
         raise ExportError(f"unknown ONNX exporter {exporter!r}: use auto, dynamo or torchscript")
     path = folder / ARTIFACT["onnx"]
+    layout = cache_layout(model)
+    attempts = [(name, layout) for name in order] + ([(name, None) for name in order] if layout is not None else [])
     errors: list[str] = []
-    for name in order:
+    for name, lay in attempts:
+        label = f"{name} exporter" + (", with KV cache" if lay is not None else ", without KV cache" if layout else "")
         for stale in folder.glob("model.onnx*"):
             stale.unlink()
         try:
-            _onnx_once(model, path, name, opset)
+            _onnx_once(model, path, name, opset, lay)
             if not path.is_file():
                 raise ExportError("the exporter wrote no file")
-            run = _ort_runner(path)
+            run, decoder = _ort_runner(path, with_past=lay is not None)
+            notes = []
             if check is not None:
                 check(run)
+                if decoder is not None:
+                    dt = str(next(model.parameters()).dtype).replace("torch.", "")
+                    notes.append(check_generation(model, decoder, tolerance=RTOL.get(dt, 3e-2) * 10))
         except Exception as e:
             if isinstance(e, OSError):  # a full disk is no reason to try another exporter
                 raise
-            errors.append(f"{name} exporter: {short_error(e)}")
-            logger.info("hf-lowmem export: ONNX %s exporter failed: %s", name, short_error(e))
+            errors.append(f"{label}: {short_error(e)}")
+            logger.info("hf-lowmem export: ONNX %s failed: %s", label, short_error(e))
             continue
-        label = "torch.onnx.export dynamo=True" if name == "dynamo" else "torch.onnx.export dynamo=False (TorchScript-based)"
-        written = Written(artifact=path.name, exporter=f"{label} (torch {torch.__version__}), onnxruntime CPU", run=run,
-                          fallback_errors=errors)
+        how = "torch.onnx.export dynamo=True" if name == "dynamo" else "torch.onnx.export dynamo=False (TorchScript-based)"
+        written = Written(artifact=path.name, exporter=f"{how} (torch {torch.__version__}), onnxruntime CPU", run=run,
+                          fallback_errors=errors, notes=notes)
+        if lay is None and layout is not None:
+            written.notes.append("exported WITHOUT a KV cache (generation recomputes the prefix): no exporter managed it")
         if errors:
             written.notes.append("fell back after: " + "; ".join(errors))
         if any(folder.glob("model.onnx.data")) or any(p.name != path.name for p in folder.glob("*.onnx*")):

@@ -14,7 +14,7 @@ from hf_lowmem.planner.estimate import estimate_memory, selected_plugins
 from hf_lowmem.planner.inputs import (DEFAULT_DEVICE, DeviceSpec, MemoryEstimate, PlanInput, PlanRefused, TrainSetup,
                                       changed_options)
 from hf_lowmem.planner.shapes import ModelShape
-from hf_lowmem.sizes import fmt_gib, fmt_size, gib, gib_up, size_arg
+from hf_lowmem.sizes import fmt_count, fmt_gib, fmt_size, gib, gib_up, size_arg
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Plan:
 
     def budget_error(self) -> MemoryBudgetError:
         su, sh = self.setup, self.shape
-        what = (f"{sh.name} ({sh.params_total / 1e9:.2f}B params) at micro-batch {su.micro_batch} x seq {su.seq_len}"
+        what = (f"{sh.name} ({fmt_count(sh.params_total)} params) at micro-batch {su.micro_batch} x seq {su.seq_len}"
                 + (f" x {su.grad_accum} accumulation" if su.grad_accum > 1 else ""))
         fixed = {k: v for k, v in self.constraints.items() if v}
         with_sel = f" with your selection ({', '.join(f'{k}={v}' for k, v in fixed.items())})" if fixed else ""

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from hf_lowmem import anatomy
 from hf_lowmem.errors import PluginError
+from hf_lowmem.sizes import fmt_count
 
 #: configurations of well-known models, so that planning works offline (values from their config.json)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -104,7 +105,7 @@ class ModelShape:
 
     def describe(self) -> str:
         gqa = f", {self.n_kv_heads} KV heads" if self.n_kv_heads != self.n_heads else ""
-        return (f"{self.name}: {self.params_total / 1e9:.2f}B params ({self.model_type}, {self.n_layers} layers, "
+        return (f"{self.name}: {fmt_count(self.params_total)} params ({self.model_type}, {self.n_layers} layers, "
                 f"hidden {self.hidden}, MLP {self.intermediate}, {self.n_heads} heads{gqa}, vocab {self.vocab}"
                 f"{', tied embeddings' if self.tied else ''})")
 
