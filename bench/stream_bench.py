@@ -88,7 +88,7 @@ def host_model(cfg, cuda: bool, dtype):
     return model
 
 
-def _engine_args(a, kw: dict):
+def _engine_args(a, kw: dict, optimizer: str | None = None):
     from hf_lowmem import LowMemTrainingArguments
 
     opts = {"profile": bool(kw.get("bf16"))}
@@ -100,7 +100,7 @@ def _engine_args(a, kw: dict):
         opts["states"] = a.states
     host = a.host_gib if a.host_gib else DEFAULT_HOST_GIB[a.mode]
     # declared: the GPU machine's VM reports less RAM available than it has until it is used
-    return LowMemTrainingArguments(**kw, lowmem_offload=["stream"], lowmem_options={"stream": opts},
+    return LowMemTrainingArguments(**kw, lowmem_optimizer=optimizer, lowmem_offload=["stream"], lowmem_options={"stream": opts},
                                    lowmem_host_memory=f"{host}GiB", lowmem_telemetry=False)
 
 
@@ -234,7 +234,8 @@ def real_phase(a) -> dict:
     cfg = llama_config(a.layers, a.smoke)
     phase = a.mode.split(":", 1)[1]
     hm = HostMemSampler().start()
-    row: dict = {"name": f"real:{phase}", "layers": a.layers, "tier": "compact", "workers": a.workers}
+    row: dict = {"name": f"real:{phase}", "layers": a.layers, "tier": "compact", "workers": a.workers,
+                 "optimizer": a.real_optimizer}
     if phase == "write":
         from hf_lowmem.engine.weights_io import write_safetensors_sharded
 
@@ -274,6 +275,9 @@ def _real_train(a, phase: str, cuda: bool, hm) -> dict:
     from hf_lowmem import LowMemTrainer
 
     _cap(a, cuda)
+    # deterministic kernels (cuBLAS workspace, SDPA and embedding backward): the comparison of a resumed run with an
+    # uninterrupted one is then about the resume, not about the order of atomic additions on the GPU
+    torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = os.path.join(a.real_path, "run")
     times: dict[str, float] = {}
 
@@ -301,7 +305,8 @@ def _real_train(a, phase: str, cuda: bool, hm) -> dict:
     kw = _train_kwargs(a, cuda, output_dir=out_dir, max_steps=5, learning_rate=1e-4,
                        save_strategy="steps" if phase == "first" else "no", save_steps=3)
     t1 = time.perf_counter()
-    trainer = LowMemTrainer(model=model, args=_engine_args(a, kw), train_dataset=random_tokens(model.config.vocab_size, a.seq),
+    args = _engine_args(a, kw, optimizer=None if a.real_optimizer == "adamw" else a.real_optimizer)
+    trainer = LowMemTrainer(model=model, args=args, train_dataset=random_tokens(model.config.vocab_size, a.seq),
                             callbacks=[Marks()])
     adopt_s = time.perf_counter() - t1
     resume = os.path.join(out_dir, "checkpoint-3") if phase == "resume" else None
@@ -338,10 +343,10 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
            "--ga", str(ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states,
            "--host-gib", str(a.host_gib or 0), "--workers", str(a.workers), "--out-dir", a.out_dir]
     if a.real_path:
-        cmd += ["--real-path", a.real_path]
+        cmd += ["--real-path", a.real_path, "--real-optimizer", a.real_optimizer]
     if a.smoke:
         cmd.append("--smoke")
-    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env, check=False)
@@ -378,6 +383,8 @@ def main() -> None:
     p.add_argument("--real-path", default=None, help="run the user's path with bf16 safetensors shards in this folder")
     p.add_argument("--real-layers", type=int, default=32, help="decoder layers of the real-path model")
     p.add_argument("--keep", action="store_true", help="keep the real-path folder (default: removed at the end)")
+    p.add_argument("--real-optimizer", default="adamw",
+                   help="lowmem_optimizer of the real path (adamw: 4-bit states; bnb-adamw8bit: 8-bit states)")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--out-dir", default="/tmp/stream_bench_out", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")
@@ -433,7 +440,8 @@ def real_path(a, command: str) -> list[dict]:
     first, again = by.get("real:first", {}).get("losses"), by.get("real:resume", {}).get("losses")
     if full and first and again:
         resumed = first[:3] + again[-2:]
-        rows.append({"name": "real:compare", "layers": layers, "uninterrupted_losses": full, "resumed_losses": resumed,
+        rows.append({"name": "real:compare", "layers": layers, "optimizer": a.real_optimizer,
+                     "first_three_same": full[:3] == first[:3], "uninterrupted_losses": full, "resumed_losses": resumed,
                      "max_abs_diff": max(abs(x - y) for x, y in zip(full, resumed)),
                      "same_losses": len(full) == len(resumed) == 5 and full == resumed, "command": command})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "command"}), flush=True)
