@@ -95,7 +95,8 @@ def check_recipe(name: str, cuda: bool) -> tuple[dict | None, str | None]:
         field = {"optimizer": "lowmem_optimizer", "quantization": "lowmem_quantization",
                  "attention": "lowmem_attention"}.get(kind)
         fields = {field: name} if field else {"lowmem_offload": [name]}
-    names = [v for vs in fields.values() for v in (vs if isinstance(vs, list) else [vs])]
+    selecting = ("lowmem_optimizer", "lowmem_quantization", "lowmem_attention", "lowmem_offload")
+    names = [v for k, vs in fields.items() if k in selecting for v in (vs if isinstance(vs, list) else [vs])]
     for n in names:
         if n not in host.registry:
             return None, f"plugin {n!r} is not registered"
@@ -348,6 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="REGIME.FIELD=VALUE",
                     help="override a regime's size, e.g. pretrain.steps=500 (repeatable)")
     ap.add_argument("--jobs", type=int, default=None, help="jobs at a time (default 8 on a GPU, 1 on the CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per job (default: CPU cores / jobs)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip jobs expected to end past this many seconds")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per job (default 600; 3600 on the CPU)")
     ap.add_argument("--model", default=str(ROOT / "assets" / "smollm2-135m"))
@@ -410,7 +412,7 @@ def main(argv=None) -> int:
             print(f"[{rec}] skipped: {why}", flush=True)
         else:
             fields[rec] = _merge(f, extra.get(rec, {}))
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // n_jobs)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="hf-lowmem-quality-") as tmp:
         work = Path(tmp)
