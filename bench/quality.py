@@ -385,7 +385,7 @@ def main(argv=None) -> int:
     n_jobs = a.jobs or (8 if cuda else 1)
     timeout = a.timeout or (600 if cuda else 3600)
     out = a.out or str(ROOT / ("bench/results/quality.json" if preset == "gpu" else f"out/quality-{preset}.json"))
-    for path, what in ((a.corpus, "corpus"), *((((a.model, "model folder"),) if "finetune" in regimes else ()))):
+    for path, what in ((a.corpus, "corpus"), *(((a.model, "model folder"),) if "finetune" in regimes else ())):
         if not os.path.exists(path):
             raise SystemExit(f"{what} {path} not found: run ../shared/assets/fetch-assets.sh {ROOT / 'assets'}")
     extra: dict[str, dict] = {}

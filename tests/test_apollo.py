@@ -67,7 +67,6 @@ def test_same_updates_as_apollo_torch(tmp_path, name, scale_type, scale):
     ``state["seed"]`` (its constructor: the parameter's position in its groups); the reference gets the
     plugin's rule, ``1 + position in model.parameters()``. A projection refresh happens at step 2."""
     from apollo_torch import APOLLOAdamW
-
     from hf_lowmem_plugins.galore import GaLoreOptions, select_targets
 
     steps = 5
@@ -178,8 +177,9 @@ def test_layerwise_under_ddp_equals_one_process(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 def _construct(tmp_path, name, caplog, **kw):
-    from hf_lowmem import LowMemTrainer
     from hf_lowmem_plugins import apollo
+
+    from hf_lowmem import LowMemTrainer
 
     apollo._SAID.clear()
     args = train_args(tmp_path, lowmem_optimizer=name, **kw)
@@ -233,9 +233,10 @@ def test_bad_options(tmp_path):
 def test_declarations_and_layerwise_refuses_fp16():
     from types import SimpleNamespace
 
+    from hf_lowmem_plugins import apollo
+
     from hf_lowmem.errors import PluginError
     from hf_lowmem.plugins import load_plugins
-    from hf_lowmem_plugins import apollo
 
     host = load_plugins()
     for name in apollo.VARIANTS:
