@@ -202,15 +202,23 @@ def _shuffled(blocks, seed: int):
 # scheduling
 # ---------------------------------------------------------------------------------------------------
 
-def plan_jobs(regimes: list[str], recipes: list[str], mults: list[float]) -> list[tuple[str, str, float]]:
+def plan_jobs(regimes: list[str], recipes: list[str], mults: list[float], x1_only=()) -> list[tuple[str, str, float]]:
     """(regime, recipe, multiplier) in priority order: every recipe at the first multiplier (x1), then the
-    rest of the grid multiplier by multiplier."""
-    return [(reg, rec, m) for m in mults for reg in regimes for rec in recipes]
+    rest of the grid multiplier by multiplier; recipes in ``x1_only`` run at the first multiplier only."""
+    return [(reg, rec, m) for i, m in enumerate(mults) for reg in regimes for rec in recipes
+            if i == 0 or rec not in x1_only]
 
 
-def run_jobs(jobs: list[dict], n_parallel: int, budget_s: float | None, timeout: int, log) -> list[dict]:
+def grid_applies(fields: dict) -> bool:
+    """The learning-rate grid is for optimizers: a recipe that selects anything but an optimizer (a
+    quantization, an offload engine) runs at x1 only, its optimizer being one that has its own row."""
+    return set(fields) <= {"lowmem_optimizer", "lowmem_options"}
+
+
+def run_jobs(jobs: list[dict], n_parallel: int, budget_s: float | None, timeout: int, log, on_row=None) -> list[dict]:
     """Run job dicts (each has ``path``, ``regime``) as worker processes, ``n_parallel`` at a time; a job is
-    skipped when the mean duration of its regime's finished jobs would take it past ``budget_s``."""
+    skipped when the mean duration of its regime's finished jobs would take it past ``budget_s``.
+    ``on_row(rows so far)`` is called after each job ends."""
     t0 = time.time()
     pending = list(jobs)
     running: list[tuple[dict, subprocess.Popen, float, object]] = []
@@ -226,6 +234,8 @@ def run_jobs(jobs: list[dict], n_parallel: int, budget_s: float | None, timeout:
                                                            f"{budget_s - (time.time() - t0):.0f}s left")
                 results.append(job["row"])
                 log(f"[{job['label']}] skipped (budget)")
+                if on_row:
+                    on_row(results)
                 continue
             logf = open(job["log"], "w")
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", job["path"]],
@@ -255,6 +265,8 @@ def run_jobs(jobs: list[dict], n_parallel: int, budget_s: float | None, timeout:
                 row.update(status="failed", returncode=rc, wall_s=round(wall, 1), log_tail=tail)
                 log(f"[{job['label']}] FAILED (rc={rc}):\n  " + "\n  ".join(tail))
             results.append(row)
+            if on_row:
+                on_row(results)
         running = still
     return results
 
@@ -350,7 +362,9 @@ def main(argv=None) -> int:
                     help="override a regime's size, e.g. pretrain.steps=500 (repeatable)")
     ap.add_argument("--jobs", type=int, default=None, help="jobs at a time (default 8 on a GPU, 1 on the CPU)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per job (default: CPU cores / jobs)")
-    ap.add_argument("--budget-s", type=float, default=None, help="skip jobs expected to end past this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip jobs expected to end past this many seconds (default 420 with the gpu preset, so that "
+                         "the run ends inside a 10-minute call; 0: no budget)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per job (default 600; 3600 on the CPU)")
     ap.add_argument("--model", default=str(ROOT / "assets" / "smollm2-135m"))
     ap.add_argument("--corpus", default=str(ROOT / "assets" / "corpus" / "stdlib-code.txt"))
@@ -383,6 +397,9 @@ def main(argv=None) -> int:
     overrides = _parse_overrides(a.set)
     configs = {r: {**REGIMES[r][preset], **overrides.get(r, {})} for r in regimes}
     n_jobs = a.jobs or (8 if cuda else 1)
+    if a.budget_s is None and preset == "gpu":
+        a.budget_s = 420.0
+    a.budget_s = a.budget_s or None
     timeout = a.timeout or (600 if cuda else 3600)
     out = a.out or str(ROOT / ("bench/results/quality.json" if preset == "gpu" else f"out/quality-{preset}.json"))
     for path, what in ((a.corpus, "corpus"), *(((a.model, "model folder"),) if "finetune" in regimes else ())):
@@ -431,7 +448,8 @@ def main(argv=None) -> int:
             for rec, why in skipped.items():
                 rows.append({"regime": reg, "recipe": rec, "lr_mult": 1.0, "status": "skipped", "reason": why})
         hidden = {"finetune": 576, "pretrain": configs.get("pretrain", {}).get("hidden", 512)}
-        for reg, rec, m in plan_jobs(regimes, list(fields), mults):
+        x1_only = [rec for rec, f in fields.items() if not grid_applies(f)]
+        for reg, rec, m in plan_jobs(regimes, list(fields), mults, x1_only):
             cfg = configs[reg]
             label = f"{reg}/{rec}/x{m:g}"
             stem = label.replace("/", "_")
@@ -446,19 +464,26 @@ def main(argv=None) -> int:
                          "log": str(work / f"{stem}.log")})
         print(f"{len(jobs)} jobs, {n_jobs} at a time, {threads} CPU threads each"
               + (f", budget {a.budget_s:.0f}s" if a.budget_s else ""), flush=True)
-        rows += run_jobs(jobs, n_jobs, a.budget_s, timeout, lambda s: print(s, flush=True))
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 
-    summary = summarize(rows, regimes, recipes)
-    report = {
-        "command": command, "wall_time_s": round(time.time() - t_start, 1), "baseline": BASELINE,
-        "lossy_threshold_pct": LOSSY_PCT, "summary": summary,
-        "config": {"preset": preset, "regimes": configs, "lr_mults": mults, "jobs": n_jobs, "budget_s": a.budget_s,
-                   "model": a.model, "corpus": a.corpus, "recipe_args": extra, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(0) if cuda else None},
-        "rows": rows,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        def write(done: list[dict], finished: bool) -> dict:
+            rep = {
+                "command": command, "finished": finished, "wall_time_s": round(time.time() - t_start, 1),
+                "baseline": BASELINE, "lossy_threshold_pct": LOSSY_PCT,
+                "summary": summarize(rows + done, regimes, recipes),
+                "config": {"preset": preset, "regimes": configs, "lr_mults": mults, "jobs": n_jobs,
+                           "budget_s": a.budget_s, "model": a.model, "corpus": a.corpus, "recipe_args": extra,
+                           "defined": {k: PRESETS[k] for k in recipes if k in PRESETS}, "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name(0) if cuda else None},
+                "rows": rows + done,
+            }
+            Path(out).write_text(json.dumps(rep, indent=2) + "\n")  # after every job: a killed run keeps its rows
+            return rep
+
+        done = run_jobs(jobs, n_jobs, a.budget_s, timeout, lambda s: print(s, flush=True),
+                        on_row=lambda d: write(d, False))
+    report = write(done, True)
+    rows, summary = report["rows"], report["summary"]
     print()
     print(markdown(summary, configs))
     print(f"{command}\nwall time {report['wall_time_s']:.0f}s; results: {out}")

@@ -29,6 +29,12 @@ def test_every_recipe_runs_at_your_lr_before_the_grid(quality):
     assert len(jobs) == 12
     assert {m for _, _, m in jobs[:4]} == {1.0}
     assert [m for _, _, m in jobs] == [1.0] * 4 + [2.0] * 4 + [0.5] * 4
+    # recipes that are not optimizers (stream, int8 weights) run at x1 only
+    jobs = quality.plan_jobs(["pretrain"], ["adamw", "stream-8bit"], [1.0, 2.0], x1_only=["stream-8bit"])
+    assert jobs == [("pretrain", "adamw", 1.0), ("pretrain", "stream-8bit", 1.0), ("pretrain", "adamw", 2.0)]
+    assert quality.grid_applies({"lowmem_optimizer": "apollo", "lowmem_options": {"apollo": {"scale": 1}}})
+    assert not quality.grid_applies(quality.PRESETS["stream-8bit"])
+    assert not quality.grid_applies({"lowmem_quantization": "int8-weights"})
 
 
 def test_rank_is_capped_on_small_models_and_user_ranks_are_kept(quality):
