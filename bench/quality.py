@@ -20,8 +20,8 @@ AdamW), any registered plugin by name (selected under its kind, with its default
 ``PRESETS`` (``stream-8bit``: the stream engine with 8-bit AdamW states). Each recipe runs at every
 multiplier of ``--lr-mults`` times the regime's AdamW learning rate; ``1`` is "your learning rate". A
 recipe that cannot run here (plugin not registered, package missing, needs CUDA) is skipped with the reason.
-On small models the low-rank plugins' rank is capped at a quarter of the hidden size (else no matrix is
-projected); the JSON records every option used.
+On models narrower than twice a low-rank plugin's default rank, its rank is capped at a quarter of the
+hidden size (else few or no matrices are projected); the JSON records every option used.
 
 Jobs (recipe x multiplier x regime) run as separate processes, ``--jobs`` at a time (on one GPU, many small
 jobs share it), in priority order: every recipe at x1 first, then the grid. ``--budget-s`` skips a job
@@ -110,13 +110,13 @@ def check_recipe(name: str, cuda: bool) -> tuple[dict | None, str | None]:
 
 
 def rank_cap(fields: dict, hidden: int) -> dict:
-    """On a model whose hidden size is small, cap the low-rank plugins' rank at hidden / 4 (the APOLLO
-    paper's rule), else none of its matrices would be projected."""
+    """On a model whose hidden size is under twice a low-rank plugin's default rank (few or none of its
+    matrices would be projected), cap the rank at hidden / 4, the APOLLO paper's rule."""
     opt = fields.get("lowmem_optimizer")
     if not opt or not opt.startswith(LOW_RANK):
         return fields
     default = next(v for k, v in DEFAULT_RANK.items() if opt.startswith(k))
-    if default <= hidden // 4:
+    if default <= hidden // 2:
         return fields
     given = (fields.get("lowmem_options") or {}).get(opt, {})
     if "rank" in given:

@@ -42,8 +42,9 @@ def test_rank_is_capped_on_small_models_and_user_ranks_are_kept(quality):
     assert quality.rank_cap(f, 128) == {"lowmem_optimizer": "apollo", "lowmem_options": {"apollo": {"scale": 1, "rank": 32}}}
     assert quality.rank_cap(f, 2048) == f  # 256 <= 2048 / 4
     assert quality.rank_cap({"lowmem_optimizer": "apollo-mini"}, 128) == {"lowmem_optimizer": "apollo-mini"}  # rank 1
-    assert quality.rank_cap({"lowmem_optimizer": "galore-adamw"}, 256) == {"lowmem_optimizer": "galore-adamw",
-                                                                           "lowmem_options": {"galore-adamw": {"rank": 64}}}
+    assert quality.rank_cap({"lowmem_optimizer": "galore-adamw"}, 200) == {"lowmem_optimizer": "galore-adamw",
+                                                                           "lowmem_options": {"galore-adamw": {"rank": 50}}}
+    assert quality.rank_cap({"lowmem_optimizer": "apollo"}, 576) == {"lowmem_optimizer": "apollo"}  # SmolLM2: 256 kept
     given = {"lowmem_optimizer": "galore-adamw", "lowmem_options": {"galore-adamw": {"rank": 8}}}
     assert quality.rank_cap(given, 64) == given
     assert quality.rank_cap({"lowmem_optimizer": "bnb-adamw8bit"}, 16) == {"lowmem_optimizer": "bnb-adamw8bit"}
