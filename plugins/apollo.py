@@ -283,6 +283,16 @@ def build_optimizer(groups: list[dict], args, opts: ApolloOptions, seeds: dict):
     return opt
 
 
+def _register_safe_globals() -> None:
+    """The optimizer state holds apollo-torch's ``GradientProjector`` objects (a tensor and numbers); the
+    Trainer reloads checkpoints with ``torch.load(weights_only=True)``, which needs the class allow-listed."""
+    import torch
+    from apollo_torch.random_projector import GradientProjector
+
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals([GradientProjector])
+
+
 @hookimpl
 def hf_lowmem_create_optimizer(ctx, model, trainer):
     name = _selected(ctx)
@@ -296,6 +306,7 @@ def hf_lowmem_create_optimizer(ctx, model, trainer):
     targets = select_targets(model, opts, name)
     groups = apollo_param_groups(trainer, model, opts, targets)
     seeds = projection_seeds(model, opts)
+    _register_safe_globals()
     if layerwise:
         opt = LayerwiseOptimizer(groups, lambda gs: build_optimizer(gs, ctx.args, opts, seeds), {}, trainer=trainer,
                                  max_grad_norm=ctx.args.max_grad_norm, plugin=name)

@@ -163,6 +163,28 @@ def test_layerwise_with_clipping_equals_normal(tmp_path, base):
     assert norms_ref == pytest.approx(norms_lw, rel=1e-5) and min(norms_ref) > 0.05  # clipping was active
 
 
+@pytest.mark.parametrize("name", ["apollo", "apollo-mini-layerwise"])
+def test_checkpoint_resume_continues_exactly(tmp_path, name):
+    """The optimizer state (apollo-torch's projector objects, the advanced seeds, the limiter's norms) goes
+    through the Trainer's weights_only=True checkpoint load; a projection refresh falls after the resume."""
+    kw = dict(steps=6, ga=2, max_grad_norm=0.5, options={"update_proj_gap": 4}, save_strategy="steps", save_steps=3,
+              snap=False)
+    full, _ = _run(tmp_path / "full", name, **kw)
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    assert (ckpt / "optimizer.pt").exists()
+    from tests.test_galore import _trainer_class
+
+    args = train_args(tmp_path / "resumed", lowmem_optimizer=name, max_steps=6, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=2, max_grad_norm=0.5, learning_rate=1e-2, lr_scheduler_type="constant",
+                      lowmem_options={name: {"rank": RANK, "update_proj_gap": 4}})
+    resumed = _trainer_class()(model=tiny_model(), args=args, train_dataset=RandomTokens(n=48, seq=16))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert logged_losses(resumed)[3:] == pytest.approx(logged_losses(full)[3:], rel=1e-6)
+    a = torch.cat([p.detach().flatten() for p in full.model.parameters()])
+    b = torch.cat([p.detach().flatten() for p in resumed.model.parameters()])
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_layerwise_under_ddp_equals_one_process(tmp_path):
     """2 gloo processes with micro-batch 2 = 1 process with micro-batch 4 (clipping at 1.0 is on)."""
     from tests.test_accelerate import ddp_matches_single
