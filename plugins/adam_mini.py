@@ -45,6 +45,33 @@ def hf_lowmem_register(register):
     ))
 
 
+#: eval-loss gap vs AdamW at AdamW's learning rate (x1) and the best multiplier of the grid with its gap, in %
+#: (same run as ``hf_lowmem_plugins.apollo.EVIDENCE_SOURCE``)
+EVIDENCE = {"x1": 5.54, "best": (1, 5.54)}
+_SAID: set = set()
+
+
+def lr_message(lr: float) -> tuple[int, str]:
+    """(logging level, text) logged once at construction: Adam-mini is meant to run at AdamW's learning rate;
+    what was measured there."""
+    from hf_lowmem_plugins.apollo import evidence_note
+
+    lossy, note = evidence_note(EVIDENCE, lr)
+    return (logging.WARNING if lossy else logging.INFO), (
+        f"{NAME}: meant to run at AdamW's learning rate ({lr:g} here), with one second-moment value per head or "
+        f"neuron block; {note}")
+
+
+@hookimpl
+def hf_lowmem_validate(ctx):
+    if ctx.selected("optimizer") != NAME:
+        return
+    level, msg = lr_message(ctx.args.learning_rate)
+    if msg not in _SAID:
+        _SAID.add(msg)
+        logger.log(level, msg)
+
+
 def _heads(model) -> tuple[int, int, int, int]:
     """(hidden size, attention heads, key/value heads, head dim) from the model's config."""
     cfg = getattr(model, "config", None)

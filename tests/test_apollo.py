@@ -213,10 +213,36 @@ def _construct(tmp_path, name, caplog, **kw):
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo-mini"])
-def test_lr_message_auto_scale(tmp_path, caplog, name):
+def test_lr_message_auto_scale_gives_the_measured_numbers(tmp_path, caplog, name):
+    from hf_lowmem_plugins.apollo import EVIDENCE
+
     recs = _construct(tmp_path, name, caplog, learning_rate=3e-4, max_grad_norm=0.0)
-    assert len(recs) == 1 and recs[0].levelno == logging.INFO
-    assert "sqrt(n / rank)" in recs[0].getMessage() and "(0.0003)" in recs[0].getMessage()
+    assert len(recs) == 1
+    msg, ev = recs[0].getMessage(), EVIDENCE[name]
+    assert "sqrt(n / rank)" in msg and "(0.0003)" in msg
+    assert f"{ev['x1']:+.1f}% eval loss vs AdamW at AdamW's learning rate" in msg
+    assert f"{ev['best'][1]:+.1f}% at {ev['best'][0]:g}x it" in msg and "quality_cpu_pretrain.json" in msg
+    lossy = ev["x1"] > 2.0
+    assert recs[0].levelno == (logging.WARNING if lossy else logging.INFO)
+    assert (f"use about {ev['best'][0] * 3e-4:g}" in msg) == lossy
+
+
+def test_adam_mini_lr_message(tmp_path, caplog):
+    pytest.importorskip("adam_mini")
+    from hf_lowmem import LowMemTrainer
+    from hf_lowmem_plugins import adam_mini
+
+    adam_mini._SAID.clear()
+    args = train_args(tmp_path, lowmem_optimizer="adam-mini", learning_rate=2e-5)
+    with caplog.at_level(logging.INFO, logger="hf_lowmem"):
+        for _ in range(2):
+            LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens(n=4, seq=8))
+    recs = [r for r in caplog.records if r.name == "hf_lowmem.adam_mini"]
+    assert len(recs) == 1  # once
+    ev = adam_mini.EVIDENCE
+    msg = recs[0].getMessage()
+    assert "(2e-05 here)" in msg and f"{ev['x1']:+.1f}% eval loss vs AdamW" in msg
+    assert recs[0].levelno == (logging.WARNING if ev["x1"] > 2.0 else logging.INFO)
 
 
 @pytest.mark.parametrize("name,scale,rank,ratios", [("apollo", 1, 256, ("0.67x for n=576", "0.25x for n=4096")),
