@@ -321,7 +321,11 @@ def markdown(summary: dict, configs: dict) -> str:
             at1 = "" if s["eval_loss_at_1"] is None else f"{s['eval_loss_at_1']:.4f}"
             gap = "baseline" if rec == BASELINE else (f"{s['gap_pct']:+.2f}%" if "gap_pct" in s else "")
             mem = "none (CPU)" if s.get("peak_gpu_gib") is None else f"{s['peak_gpu_gib']:.2f}"
-            note = f"**lossy-at-your-lr, use lr x{s['best_mult']:g}**" if s.get("lossy_at_your_lr") else ""
+            note = ""
+            if s.get("lossy_at_your_lr"):
+                fixed = s.get("best_gap_pct", 99.0) <= LOSSY_PCT
+                note = (f"**lossy-at-your-lr, use lr x{s['best_mult']:g}**" if fixed and s["best_mult"] != 1 else
+                        f"**lossy-at-your-lr, and at every lr run (best x{s['best_mult']:g})**")
             if len(s["mults_run"]) > 1 and "best_gap_pct" in s:
                 note = (note + "; " if note else "") + f"at best {s['best_gap_pct']:+.2f}% vs AdamW at x1"
             parts.append(f"| {rec} | {at1} | {gap} | x{s['best_mult']:g} | {s['eval_loss_at_best']:.4f} | {mem} | {note} |")

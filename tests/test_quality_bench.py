@@ -70,8 +70,9 @@ def test_summary_flags_lossy_at_your_lr_with_the_multiplier_that_fixes_it(qualit
     rows = [_row("adamw", 1, 2.00), _row("adamw", 2, 2.10),
             _row("galore", 1, 2.10), _row("galore", 2, 2.02), _row("galore", 4, 1.95),
             _row("apollo", 1, 2.03), _row("apollo", 2, 2.05),
+            _row("lion", 1, 2.08), _row("lion", 0.5, 2.12), _row("mini", 1, 2.10), _row("mini", 2, 2.06),
             {"regime": "pretrain", "recipe": "x8bit", "lr_mult": 1.0, "status": "skipped", "reason": "needs a CUDA GPU"}]
-    s = quality.summarize(rows, ["pretrain"], ["adamw", "galore", "apollo", "x8bit"])["pretrain"]
+    s = quality.summarize(rows, ["pretrain"], ["adamw", "galore", "apollo", "lion", "mini", "x8bit"])["pretrain"]
     assert s["adamw"]["gap_pct"] == 0 and not s["adamw"]["lossy_at_your_lr"]
     assert s["galore"]["gap_pct"] == pytest.approx(5.0) and s["galore"]["lossy_at_your_lr"]
     assert s["galore"]["best_mult"] == 4 and s["galore"]["best_gap_pct"] == pytest.approx(-2.5)
@@ -82,6 +83,10 @@ def test_summary_flags_lossy_at_your_lr_with_the_multiplier_that_fixes_it(qualit
     assert "+5.00%" in galore_line and "**lossy-at-your-lr, use lr x4**" in galore_line and "none (CPU)" in galore_line
     assert "lossy" not in next(line for line in table.splitlines() if line.startswith("| apollo "))
     assert "| x8bit | | | | | | needs a CUDA GPU |" in table
+    # lossy at x1 and no multiplier of the grid within 2%: no multiplier is offered as the fix
+    for name, best in (("lion", 1), ("mini", 2)):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name} "))
+        assert f"**lossy-at-your-lr, and at every lr run (best x{best})**" in line and "use lr" not in line
 
 
 def test_end_to_end_two_parallel_jobs_on_the_cpu(tmp_path):
