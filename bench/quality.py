@@ -451,7 +451,11 @@ def main(argv=None) -> int:
                   f"({time.time() - t0:.1f}s); device {'cuda' if cuda else 'cpu'}", flush=True)
             for rec, why in skipped.items():
                 rows.append({"regime": reg, "recipe": rec, "lr_mult": 1.0, "status": "skipped", "reason": why})
-        hidden = {"finetune": 576, "pretrain": configs.get("pretrain", {}).get("hidden", 512)}
+        hidden = {"pretrain": configs.get("pretrain", {}).get("hidden", 512)}
+        if "finetune" in regimes:
+            from transformers import AutoConfig
+
+            hidden["finetune"] = AutoConfig.from_pretrained(a.model).hidden_size
         x1_only = [rec for rec, f in fields.items() if not grid_applies(f)]
         for reg, rec, m in plan_jobs(regimes, list(fields), mults, x1_only):
             cfg = configs[reg]
