@@ -15,8 +15,17 @@ three things on the instance:
   models whose ``head_dim`` is not ``hidden / heads``);
 * ``world_size`` is the torch.distributed world size (Adam-mini reads ``torch.cuda.device_count()``, so a
   single process on a machine with several GPUs would call ``all_gather`` without a process group);
-* each parameter's weight decay follows the Trainer's decay names (Adam-mini's own rule is a name match on
-  ``norm``/``ln``/``bias``).
+* each parameter's weight decay follows the Trainer's own parameter groups (``trainer_param_groups``;
+  Adam-mini's own rule is a name match on ``norm``/``ln``/``bias``).
+
+Adam-mini takes named parameters, not parameter groups, and makes one group per parameter itself, so the
+plugin builds it (``create_optimizer``) instead of handing the Trainer a class.
+
+**Memory** (the planner's model): the first moment of every parameter in the parameters' dtype (4 bytes per
+parameter in fp32, half of AdamW's 8) and one second-moment value per row (per head for queries and keys:
+fewer); biases get both of Adam's states (Adam-mini's ``bias`` blocks), which the model does not count
+(Llama-style models have none). The step works one parameter at a time: the squared gradient and the
+update of the largest tensor are its temporaries.
 
 Not supported: FSDP and DeepSpeed (not tested here; Adam-mini documents its own sharded use), the ``stream``
 engine (it brings its own optimizer).
@@ -26,50 +35,71 @@ from __future__ import annotations
 
 import logging
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
+from hf_lowmem_plugins.lr_evidence import Measured, advice, lr_message as evidence_message, say_once
 
 logger = logging.getLogger("hf_lowmem.adam_mini")
 NAME = "adam-mini"
 
-
-@hookimpl
-def hf_lowmem_register(register):
-    register(PluginInfo(
-        name=NAME, kind="optimizer", requires=("adam_mini",), extra="adam-mini", lossless=False,
-        help="Adam-mini: Adam's first moment, one second-moment value per head/neuron block (about half AdamW's state)",
-        modes=("single", "ddp"),
-        incompatible={"stream": "Adam-mini is built by the Trainer's optimizer hook; the stream engine brings its own "
-                                "optimizer. Use Adam-mini without stream"},
-    ))
-
-
-#: eval-loss gap vs AdamW at AdamW's learning rate (x1) and the best multiplier of the grid with its gap, in %
-#: (same run as ``hf_lowmem_plugins.apollo.EVIDENCE_SOURCE``)
-EVIDENCE = {"x1": 5.54, "best": (1, 5.54)}
-_SAID: set = set()
+#: what bench/quality.py measured with the defaults
+EVIDENCE = Measured(5.54, 1, 5.54)
 
 
 def lr_message(lr: float) -> tuple[int, str]:
     """(logging level, text) logged once at construction: Adam-mini is meant to run at AdamW's learning rate;
     what was measured there."""
-    from hf_lowmem_plugins.apollo import evidence_note
+    return evidence_message(NAME, EVIDENCE, lr, "meant to run at AdamW's learning rate, with one second-moment value "
+                                                "per head or neuron block instead of one per parameter")
 
-    lossy, note = evidence_note(EVIDENCE, lr)
-    return (logging.WARNING if lossy else logging.INFO), (
-        f"{NAME}: meant to run at AdamW's learning rate ({lr:g} here), with one second-moment value per head or "
-        f"neuron block; {note}")
+
+class AdamMiniPlugin(Plugin):
+    name, kind, requires, extra, lossless = NAME, "optimizer", ("adam_mini",), "adam-mini", False
+    modes = ("single", "ddp")
+    help = "Adam-mini: Adam's first moment, one second-moment value per head/neuron block (about half AdamW's state)"
+    incompatible = {"stream": "Adam-mini is built when the Trainer asks for its optimizer; the stream engine brings "
+                              "its own optimizer. Use Adam-mini without stream"}
+    quality_gap, lr_advice = EVIDENCE.gap_pct, advice(EVIDENCE)
+
+    def validate(self, ctx):
+        say_once(logger, *lr_message(ctx.args.learning_rate))
+
+    def create_optimizer(self, ctx, model, trainer):
+        import torch.distributed as dist
+        from adam_mini import Adam_mini
+
+        from hf_lowmem.context import trainer_param_groups
+
+        args = ctx.args
+        hidden, heads, kv, head_dim = _heads(model)
+        decay = {id(p): g.get("weight_decay", args.weight_decay) for g in trainer_param_groups(trainer, model)
+                 for p in g["params"]}
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in decay]
+        opt = Adam_mini(named_parameters=named, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                        eps=args.adam_epsilon, weight_decay=args.weight_decay, dim=hidden, n_heads=heads,
+                        n_kv_heads=kv, verbose=False)
+        opt.head_numel = head_dim * hidden
+        opt.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        for group in opt.param_groups:
+            (p,) = group["params"]
+            group["weight_decay"] = decay[id(p)]
+        logger.info("%s: %d parameter blocks (hidden %d, %d heads, %d kv heads, head_dim %d)", NAME,
+                    len(opt.param_groups), hidden, heads, kv, head_dim)
+        return opt
+
+    def memory_model(self, plan, st):
+        sh, pb = plan.shape, plan.setup.param_bytes
+        # the first moment of every parameter; one second-moment value per row (per head for q and k: fewer)
+        rows = sh.n_layers * sum(r for _, (r, c) in sh.layer_matrices) + sh.vocab * (1 if sh.tied else 2)
+        st.states = pb * sh.params_total + pb * rows
+        st.opt_ws = 2.0 * sh.largest_param * pb  # grad * grad and the update, one tensor at a time
+        st.opt_bytes_per_param = 6 * pb  # read p, g, m; write p, m; the update temporary
+        st.opt_kernel_factor = 3.0  # one parameter at a time, unfused
 
 
 @hookimpl
-def hf_lowmem_validate(ctx):
-    if ctx.selected("optimizer") != NAME:
-        return
-    level, msg = lr_message(ctx.args.learning_rate)
-    if msg not in _SAID:
-        _SAID.add(msg)
-        logger.log(level, msg)
+def hf_lowmem_register(register):
+    register(AdamMiniPlugin())
 
 
 def _heads(model) -> tuple[int, int, int, int]:
@@ -85,28 +115,3 @@ def _heads(model) -> tuple[int, int, int, int]:
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return hidden, heads, kv, head_dim
-
-
-@hookimpl
-def hf_lowmem_create_optimizer(ctx, model, trainer):
-    if ctx.selected("optimizer") != NAME:
-        return None
-    ctx.info(NAME).import_requirements()
-    import torch.distributed as dist
-    from adam_mini import Adam_mini
-
-    args = ctx.args
-    hidden, heads, kv, head_dim = _heads(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = Adam_mini(named_parameters=named, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                    eps=args.adam_epsilon, weight_decay=args.weight_decay, dim=hidden, n_heads=heads,
-                    n_kv_heads=kv, verbose=False)
-    opt.head_numel = head_dim * hidden
-    opt.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    decay = set(trainer.get_decay_parameter_names(model))
-    lower = {n.lower(): n for n, _ in named}
-    for group in opt.param_groups:
-        group["weight_decay"] = args.weight_decay if lower.get(group["name"]) in decay else 0.0
-    logger.info("%s: %d parameter blocks (hidden %d, %d heads, %d kv heads, head_dim %d)", NAME, len(opt.param_groups),
-                hidden, heads, kv, head_dim)
-    return opt

@@ -33,8 +33,18 @@ set it to ``seed + 1 + the parameter's position in model.parameters()`` instead,
 differently grouped optimizers draw the same projections (and the same on every DDP rank). The projection
 is drawn on the parameter's device, so CPU and CUDA runs draw different matrices.
 
-**Layer-wise** (``*-layerwise``) reuses GaLore's layer-wise optimizer (``hf_lowmem_plugins.galore``): one
-apollo-torch optimizer per parameter, stepped from post-accumulate-grad hooks on the last micro-batch of
+**Parameter groups.** The Trainer's own groups (``hf_lowmem.context.trainer_param_groups``: its weight-decay
+split), each split into non-targets and targets, and targets by their ``scale``; target groups carry
+apollo-torch's keys. So the plugins build the optimizer themselves (``create_optimizer``), over those groups.
+
+**Memory** (the planner's model, :meth:`ApolloPlugin.memory_model`): per target matrix m x n, the two
+moments of the projected gradient (max(m, n) x rank each) and the rank x min(m, n) projection, in the
+parameters' dtype: ``bytes * rank * (2 max(m, n) + min(m, n))`` (4 bytes in fp32: ~0.3% of AdamW's 8 m n at
+rank 256 on a 4096-wide model); AdamW's two states for everything else.
+
+**Layer-wise** (``*-layerwise``) reuses GaLore's layer-wise optimizer and callback
+(``LayerwiseOptimizer`` and ``layerwise_callback`` of :mod:`hf_lowmem_plugins.galore_layerwise`):
+one apollo-torch optimizer per parameter, stepped from post-accumulate-grad hooks on the last micro-batch of
 each accumulation window, with its own all-reduce under DDP. Gradient clipping is exact but, unlike
 GaLore's, cannot be done on the projected gradient alone: APOLLO's update multiplies the *full* gradient,
 and its factor depends on the clipped moments. With ``max_grad_norm > 0`` each hook therefore keeps its
@@ -56,9 +66,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hf_lowmem import hookimpl
+from hf_lowmem import Plugin, hookimpl
 from hf_lowmem.errors import PluginError
-from hf_lowmem.registry import PluginInfo
+from hf_lowmem_plugins.lr_evidence import Measured, advice, lr_message as evidence_message, say_once
 
 logger = logging.getLogger("hf_lowmem.apollo")
 
@@ -66,7 +76,20 @@ LAYERWISE = "-layerwise"
 BASES = ("apollo", "apollo-mini")
 VARIANTS = {**{n: (n, False) for n in BASES}, **{n + LAYERWISE: (n, True) for n in BASES}}
 SCALE_TYPES = ("channel", "tensor")
-STATE_KEY = "apollo"  # ctx.state[STATE_KEY]: what the create_optimizer hook built
+STATE_KEY = "apollo"  # ctx.state[STATE_KEY]: what create_optimizer built (for the layer-wise callback and tests)
+
+#: what bench/quality.py measured, per base plugin: with scale "auto" (the default) and with the paper's fixed
+#: scale; the layer-wise variants make the same updates (tests/test_apollo.py), so they share these numbers
+EVIDENCE = {
+    "apollo": {
+        "auto": Measured(1.50, 4, -2.94, measured_as="apollo with rank 32 (hidden / 4), scale \"auto\" = 4"),
+        "fixed": Measured(3.11, 4, -1.85, measured_as="apollo with rank 32, the paper's fixed scale 1"),
+    },
+    "apollo-mini": {
+        "auto": Measured(4.71, 2, 3.83, measured_as="apollo-mini (rank 1, tensor-wise), scale \"auto\" = 128, "
+                                                    "the paper's fixed 128 at that width"),
+    },
+}
 
 
 @dataclass
@@ -122,88 +145,31 @@ class ApolloMiniOptions(ApolloOptions):
     scale_type: str = "tensor"
 
 
-def default_options(name: str) -> ApolloOptions:
-    return ApolloMiniOptions() if VARIANTS[name][0] == "apollo-mini" else ApolloOptions()
-
-
 # ------------------------------------------------------------------------------------------------
-# registration, validation, the construction-time message
+# the construction-time messages
 # ------------------------------------------------------------------------------------------------
-
-_STREAM_REASON = ("APOLLO scales each weight's full gradient inside the optimizer; the stream engine brings its own "
-                  "optimizer and never hands the Trainer one. Use APOLLO without stream, or stream with its optimizer")
-
-
-@hookimpl
-def hf_lowmem_register(register):
-    for name, (base, layerwise) in VARIANTS.items():
-        if base == "apollo":
-            help_ = "APOLLO (apollo-torch): AdamW moments of a random rank-256 projection, channel-wise gradient scaling"
-        else:
-            help_ = "APOLLO-Mini (apollo-torch): rank-1 random projection, one scaling factor per tensor (SGD-like memory)"
-        if layerwise:
-            help_ += "; updated layer by layer inside backward (accumulation, clipping, DDP)"
-        register(PluginInfo(
-            name=name, kind="optimizer", help=help_, requires=("apollo_torch", "bitsandbytes"), extra="apollo",
-            options=ApolloMiniOptions if base == "apollo-mini" else ApolloOptions, lossless=False,
-            modes=("single", "ddp"), incompatible={"stream": _STREAM_REASON},
-        ))
-
-
-def _selected(ctx) -> str | None:
-    name = ctx.selected("optimizer")
-    return name if name in VARIANTS else None
-
-
-_SAID: set = set()  # messages already logged in this process (each is said once)
-
-
-def _say_once(level: int, msg: str) -> None:
-    if msg not in _SAID:
-        _SAID.add(msg)
-        logger.log(level, msg)
-
-
-#: eval-loss gap vs AdamW at AdamW's learning rate (x1) and the best multiplier of the grid with its gap, in %,
-#: measured with the defaults (scale "auto"); where: :data:`EVIDENCE_SOURCE`.
-EVIDENCE = {"apollo": {"x1": 1.50, "best": (4, -2.94)}, "apollo-mini": {"x1": 4.71, "best": (2, 3.83)}}
-EVIDENCE_SOURCE = ("bench/results/quality_cpu_pretrain.json: a 0.9M-parameter byte-level Llama trained from scratch "
-                   "for 200 steps on the CPU, AdamW at lr 1e-3, the best of AdamW's own grid")
-
-
-def evidence_note(evidence: dict, lr: float) -> tuple[bool, str]:
-    """(lossy at your learning rate, one sentence with the measured numbers) for an entry of ``EVIDENCE``:
-    lossy is more than 2% above AdamW at AdamW's learning rate; the fix offered is the best multiplier of
-    the grid when it brings the gap within 2%."""
-    mult, best = evidence["best"]
-    lossy = evidence["x1"] > 2.0
-    at_best = (f"{best:+.1f}% at {mult:g}x it, the best of x0.5-x4" if mult != 1 else
-               "no better at x0.5, x2 or x4")
-    text = f"measured {evidence['x1']:+.1f}% eval loss vs AdamW at AdamW's learning rate and {at_best} ({EVIDENCE_SOURCE})"
-    if lossy and best <= 2.0 and mult != 1:
-        text += f"; if {lr:g} is your AdamW learning rate, use about {mult * lr:g}"
-    elif lossy:
-        text += "; no learning rate of that grid came within 2% of AdamW, so expect a gap where quality matters"
-    return lossy, text
-
 
 def lr_message(name: str, opts: ApolloOptions, lr: float) -> tuple[int, str]:
     """(logging level, text) that the plugin logs once at construction: how its step relates to AdamW's at
     the learning rate ``lr``, what was measured, and what to change when it does not match."""
     base = VARIANTS[name][0]
     if opts.scale == "auto":
-        lossy, note = evidence_note(EVIDENCE[base], lr)
-        return (logging.WARNING if lossy else logging.INFO), (
-            f"{name}: scale=\"auto\": each target matrix's update is scaled by sqrt(n / rank) (n its smaller side), "
-            f"so its RMS is about AdamW's at the same learning rate ({lr:g}); {note}")
+        why = ("scale=\"auto\": each target matrix's update is scaled by sqrt(n / rank) (n its smaller side), so its "
+               "RMS is about AdamW's at the same learning rate")
+        return evidence_message(name, EVIDENCE[base]["auto"], lr, why)
     ratio_note = (f"its update RMS is about sqrt(scale * rank / n) = sqrt({opts.scale:g} * {opts.rank} / n) times "
                   f"AdamW's at the same learning rate (n = the smaller side of each matrix: "
                   f"{_ratio(opts, 576):.2f}x for n=576, {_ratio(opts, 4096):.2f}x for n=4096)")
-    return logging.WARNING, (
-        f"{name}: fixed scale={opts.scale:g} with rank {opts.rank}: {ratio_note}. At your AdamW learning rate "
-        f"({lr:g}) it therefore takes smaller steps; the APOLLO paper trains with this scale at 10x AdamW's "
-        f"learning rate (1e-2 against 1e-3). Either raise learning_rate by about 1/ratio, or use scale=\"auto\" "
-        "(the default), which matches AdamW's step at your learning rate")
+    measured = EVIDENCE[base].get("fixed")
+    text = (f"{name}: fixed scale={opts.scale:g} with rank {opts.rank}: {ratio_note}. At your AdamW learning rate "
+            f"({lr:g}) it therefore takes smaller steps; the APOLLO paper trains with a fixed scale at 10x AdamW's "
+            f"learning rate (1e-2 against 1e-3). Either raise learning_rate by about 1/ratio, or use scale=\"auto\" "
+            "(the default), which matches AdamW's step at your learning rate")
+    if measured is not None:
+        from hf_lowmem_plugins.lr_evidence import measured_sentence
+
+        text += f"; {measured_sentence(measured)}"
+    return logging.WARNING, text
 
 
 def _ratio(opts: ApolloOptions, n: int) -> float:
@@ -217,45 +183,119 @@ def layerwise_clip_message(name: str, max_grad_norm: float) -> str:
             "gradients layer by layer inside backward (APOLLO's norm-growth limiter still bounds each step's growth)")
 
 
-@hookimpl
-def hf_lowmem_validate(ctx):
-    name = _selected(ctx)
-    if name is None:
-        return
-    opts = ctx.options(name) or default_options(name)
-    if VARIANTS[name][1]:
-        if getattr(ctx.args, "fp16", False):
-            raise PluginError(f"plugin {name!r} updates parameters inside backward, before a fp16 gradient scaler "
-                              "could unscale and check the gradients: train with bf16=True (or fp32) instead of fp16")
-        if (ctx.args.max_grad_norm or 0) > 0:
-            _say_once(logging.WARNING, layerwise_clip_message(name, ctx.args.max_grad_norm))
-    level, msg = lr_message(name, opts, ctx.args.learning_rate)
-    _say_once(level, msg)
+# ------------------------------------------------------------------------------------------------
+# the plugins
+# ------------------------------------------------------------------------------------------------
+
+_STREAM_REASON = ("APOLLO scales each weight's full gradient inside the optimizer; the stream engine brings its own "
+                  "optimizer and never hands the Trainer one. Use APOLLO without stream, or stream with its optimizer")
+
+
+class ApolloPlugin(Plugin):
+    """One APOLLO variant: ``apollo`` or ``apollo-mini``, updated layer by layer inside backward or not."""
+
+    kind, extra, lossless, modes = "optimizer", "apollo", False, ("single", "ddp")
+    requires = ("apollo_torch", "bitsandbytes")
+    incompatible = {"stream": _STREAM_REASON}
+
+    def __init__(self, name: str):
+        base, layerwise = VARIANTS[name]
+        if base == "apollo":
+            help_ = ("APOLLO (apollo-torch): AdamW moments of a random rank-256 projection, channel-wise gradient "
+                     "scaling; scale \"auto\" keeps AdamW's step size")
+        else:
+            help_ = ("APOLLO-Mini (apollo-torch): rank-1 random projection, one scaling factor per tensor (SGD-like "
+                     "memory); scale \"auto\" keeps AdamW's step size")
+        if layerwise:
+            help_ += "; updated layer by layer inside backward (accumulation, clipping, DDP)"
+        measured = EVIDENCE[base]["auto"]
+        super().__init__(name=name, help=help_, options=ApolloMiniOptions if base == "apollo-mini" else ApolloOptions,
+                         quality_gap=measured.gap_pct, lr_advice=advice(measured))
+        self.base, self.layerwise = base, layerwise
+
+    def validate(self, ctx):
+        if self.layerwise:
+            if getattr(ctx.args, "fp16", False):
+                raise PluginError(f"plugin {self.name!r} updates parameters inside backward, before a fp16 gradient "
+                                  "scaler could unscale and check the gradients: train with bf16=True (or fp32) "
+                                  "instead of fp16")
+            if (ctx.args.max_grad_norm or 0) > 0:
+                say_once(logger, logging.WARNING, layerwise_clip_message(self.name, ctx.args.max_grad_norm))
+        say_once(logger, *lr_message(self.name, ctx.options(self.name), ctx.args.learning_rate))
+
+    def callbacks(self, ctx):
+        if not self.layerwise:
+            return []
+        from hf_lowmem_plugins.galore_layerwise import layerwise_callback
+
+        return [layerwise_callback(lambda: (ctx.state.get(STATE_KEY) or {}).get("optimizer"))]
+
+    def create_optimizer(self, ctx, model, trainer):
+        from hf_lowmem.context import trainer_param_groups
+        from hf_lowmem_plugins.galore import select_targets
+        from hf_lowmem_plugins.galore_layerwise import LayerwiseOptimizer
+
+        opts = ctx.options(self.name)
+        targets = select_targets(model, opts, self.name)
+        groups = apollo_param_groups(trainer_param_groups(trainer, model), opts, targets)
+        seeds = projection_seeds(model, opts)
+        _register_safe_globals()
+        if self.layerwise:
+            opt = LayerwiseOptimizer(groups, lambda gs: build_optimizer(gs, ctx.args, opts, seeds), {},
+                                     trainer=trainer, max_grad_norm=ctx.args.max_grad_norm, plugin=self.name)
+        else:
+            opt = build_optimizer(groups, ctx.args, opts, seeds)
+        scales = sorted({g["scale"] for g in groups if "rank" in g})
+        ctx.state[STATE_KEY] = {"optimizer": opt, "targets": [n for n, _ in targets], "plugin": self.name,
+                                "scales": scales}
+        logger.info("%s: %d target matrices (rank %d, %s-wise, scale %s), %d parameter groups", self.name,
+                    len(targets), opts.rank, opts.scale_type, ", ".join(f"{s:g}" for s in scales), len(groups))
+        return opt
+
+    def memory_model(self, plan, st):
+        from hf_lowmem.planner import PlanRefused
+
+        opts = self.options_for(plan)
+        sh, su = plan.shape, plan.setup
+        pb, rank = su.param_bytes, opts.rank
+        mats = sh.layer_matrices
+        if opts.target_modules is None and not any(min(r, c) > rank for _, (r, c) in mats):
+            raise PlanRefused(f"{self.name}: no projection has both sides larger than rank {rank}")
+        states = low = 0.0
+        proj_flops = 0.0
+        for _name, (r, c) in mats:
+            if min(r, c) > rank:  # a target: two low-rank moments and the random projection
+                states += pb * rank * (2 * max(r, c) + min(r, c))
+                low = max(low, rank * max(r, c))
+                proj_flops += 2.0 * r * c * rank
+            else:
+                states += 2.0 * pb * r * c
+        states *= sh.n_layers
+        rest = (sh.embed_params + sh.head_params + sh.other_params
+                + sh.n_layers * (sh.layer_params[0] - sh.linear_layer_params))
+        st.states = states + 2.0 * pb * rest
+        big = max((r * c for _, (r, c) in mats), default=0)
+        # one parameter at a time: a non-target's AdamW temporaries (denominator, update), or a target's scaled
+        # full gradient plus its projected gradient, normalised update and denominator
+        st.opt_ws = max(2.0 * sh.largest_param * pb, big * pb + 3.0 * low * pb)
+        st.opt_bytes_per_param = 5 * pb + 2
+        st.opt_kernel_factor = 3.0
+        st.opt_extra_seconds = proj_flops * sh.n_layers / (plan.device.fp32_tflops * 1e12)
+        if self.layerwise:
+            if su.max_grad_norm and su.max_grad_norm > 0:
+                st.notes.append(f"{self.name} with max_grad_norm > 0 keeps every full gradient until the step (exact "
+                                "clipping); max_grad_norm=0 frees them inside backward")
+            else:
+                if su.grad_accum > 1:
+                    st.notes.append(f"{self.name} with gradient accumulation keeps the window's full gradients until "
+                                    "its last micro-batch (the saving is in the last backward and the step)")
+                st.grad_free_per_param = True
 
 
 @hookimpl
-def hf_lowmem_callbacks(ctx):
-    name = _selected(ctx)
-    if name is None or not VARIANTS[name][1]:
-        return None
-    from hf_lowmem_plugins import galore
-
-    return [galore._layerwise_callback(_GaloreStateView(ctx))]
-
-
-class _GaloreStateView:
-    """What GaLore's layer-wise callback reads (``ctx.state[galore.STATE_KEY]["optimizer"]``), pointing at the
-    optimizer this plugin built."""
-
-    def __init__(self, ctx):
-        self._ctx = ctx
-
-    @property
-    def state(self) -> dict:
-        from hf_lowmem_plugins import galore
-
-        built = self._ctx.state.get(STATE_KEY)
-        return {galore.STATE_KEY: built} if built else {}
+def hf_lowmem_register(register):
+    for name in VARIANTS:
+        register(ApolloPlugin(name))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,23 +309,23 @@ def matrix_scale(shape, opts: ApolloOptions) -> float:
     return min(shape) / opts.rank
 
 
-def apollo_param_groups(trainer, model, opts: ApolloOptions, targets) -> list[dict]:
-    """The Trainer's weight-decay split, crossed with target / not target; target groups carry apollo-torch's
-    keys and are split further by their ``scale`` (one group per distinct value). Empty groups are dropped."""
-    decay = set(trainer.get_decay_parameter_names(model))
+def apollo_param_groups(trainer_groups: list[dict], opts: ApolloOptions, targets) -> list[dict]:
+    """The Trainer's parameter groups (its weight-decay split), each split into non-targets and targets, targets
+    further by their ``scale`` (one group per distinct value); target groups carry apollo-torch's keys. Empty
+    groups are dropped."""
     scale_of = {id(m.weight): matrix_scale(m.weight.shape, opts) for _, m in targets}
-    wd = trainer.args.weight_decay
-    buckets: dict[tuple, list] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            buckets.setdefault((n in decay, scale_of.get(id(p))), []).append(p)
     groups = []
-    for (has_decay, scale), params in buckets.items():
-        group = {"params": params, "weight_decay": wd if has_decay else 0.0}
-        if scale is not None:
-            group.update(rank=opts.rank, proj="random", scale_type=opts.scale_type, update_proj_gap=opts.update_proj_gap,
-                         scale=scale, proj_type="std")
-        groups.append(group)
+    for tg in trainer_groups:
+        hyper = {k: v for k, v in tg.items() if k != "params"}
+        buckets: dict = {}
+        for p in tg["params"]:
+            buckets.setdefault(scale_of.get(id(p)), []).append(p)
+        for scale, params in buckets.items():
+            group = {**hyper, "params": params}
+            if scale is not None:
+                group.update(rank=opts.rank, proj="random", scale_type=opts.scale_type,
+                             update_proj_gap=opts.update_proj_gap, scale=scale, proj_type="std")
+            groups.append(group)
     return groups
 
 
@@ -315,29 +355,3 @@ def _register_safe_globals() -> None:
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals([GradientProjector])
-
-
-@hookimpl
-def hf_lowmem_create_optimizer(ctx, model, trainer):
-    name = _selected(ctx)
-    if name is None:
-        return None
-    ctx.info(name).import_requirements()
-    from hf_lowmem_plugins.galore import LayerwiseOptimizer, select_targets
-
-    layerwise = VARIANTS[name][1]
-    opts = ctx.options(name) or default_options(name)
-    targets = select_targets(model, opts, name)
-    groups = apollo_param_groups(trainer, model, opts, targets)
-    seeds = projection_seeds(model, opts)
-    _register_safe_globals()
-    if layerwise:
-        opt = LayerwiseOptimizer(groups, lambda gs: build_optimizer(gs, ctx.args, opts, seeds), {}, trainer=trainer,
-                                 max_grad_norm=ctx.args.max_grad_norm, plugin=name)
-    else:
-        opt = build_optimizer(groups, ctx.args, opts, seeds)
-    scales = sorted({g["scale"] for g in groups if "rank" in g})
-    ctx.state[STATE_KEY] = {"optimizer": opt, "targets": [n for n, _ in targets], "plugin": name, "scales": scales}
-    logger.info("%s: %d target matrices (rank %d, %s-wise, scale %s), %d parameter groups", name, len(targets),
-                opts.rank, opts.scale_type, ", ".join(f"{s:g}" for s in scales), len(groups))
-    return opt
