@@ -82,12 +82,15 @@ STATE_KEY = "apollo"  # ctx.state[STATE_KEY]: what create_optimizer built (for t
 #: scale; the layer-wise variants make the same updates (tests/test_apollo.py), so they share these numbers
 EVIDENCE = {
     "apollo": {
-        "auto": Measured(1.50, 4, -2.94, measured_as="apollo with rank 32 (hidden / 4), scale \"auto\" = 4"),
-        "fixed": Measured(3.11, 4, -1.85, measured_as="apollo with rank 32, the paper's fixed scale 1"),
+        "auto": Measured(1.50, 4, -2.94, recipe="apollo",
+                         measured_as="apollo with rank 32 (hidden / 4), scale \"auto\" = 4"),
+        "fixed": Measured(3.11, 4, -1.85, recipe="apollo",
+                          measured_as="apollo with rank 32, the paper's fixed scale 1"),
     },
     "apollo-mini": {
-        "auto": Measured(4.71, 2, 3.83, measured_as="apollo-mini (rank 1, tensor-wise), scale \"auto\" = 128, "
-                                                    "the paper's fixed 128 at that width"),
+        "auto": Measured(4.71, 2, 3.83, recipe="apollo-mini",
+                         measured_as="apollo-mini (rank 1, tensor-wise), scale \"auto\" = 128, the paper's fixed 128 "
+                                     "at that width"),
     },
 }
 
@@ -210,7 +213,7 @@ class ApolloPlugin(Plugin):
             help_ += "; updated layer by layer inside backward (accumulation, clipping, DDP)"
         measured = EVIDENCE[base]["auto"]
         super().__init__(name=name, help=help_, options=ApolloMiniOptions if base == "apollo-mini" else ApolloOptions,
-                         quality_gap=measured.gap_pct, lr_advice=advice(measured))
+                         quality_gap=measured.gap_pct, lr_advice=advice(measured, name))
         self.base, self.layerwise = base, layerwise
 
     def validate(self, ctx):

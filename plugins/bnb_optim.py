@@ -70,15 +70,15 @@ VARIANTS = {
 }
 
 
-_ADAMW8 = Measured(0.10, 1, 0.10)
+_ADAMW8 = Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit")
 #: what bench/quality.py measured, per plugin (with the Trainer's betas); variants with the same arithmetic as
 #: 8-bit AdamW share its numbers. The 32-bit paged AdamW makes AdamW's own step: nothing to say.
 EVIDENCE = {
     "bnb-adamw8bit": _ADAMW8,
-    "bnb-paged-adamw8bit": Measured(0.10, 1, 0.10, measured_as="bnb-adamw8bit, the same 8-bit AdamW (paging only "
-                                                               "moves its states)"),
-    "bnb-lamb8bit": Measured(0.10, 1, 0.10, measured_as="bnb-adamw8bit: in bitsandbytes 0.49-0.50 LAMB8bit's 8-bit "
-                                                        "update is AdamW's"),
+    "bnb-paged-adamw8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
+                                    measured_as="bnb-adamw8bit, the same 8-bit AdamW (paging only moves its states)"),
+    "bnb-lamb8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
+                             measured_as="bnb-adamw8bit: in bitsandbytes 0.49-0.50 LAMB8bit's 8-bit update is AdamW's"),
     "bnb-lion8bit": Measured(3.06, 1, 3.06, measured_as="bnb-lion8bit with the Trainer's betas (0.9, 0.999)"),
     "bnb-lion8bit betas 0.9, 0.99": Measured(9.66, 1, 9.66, run="cpu-pretrain-lion",
                                              measured_as="bnb-lion8bit with betas (0.9, 0.99)"),
@@ -125,7 +125,7 @@ class BnbOptimizer(Plugin):
     def __init__(self, name: str, cls_name: str, help: str, n_states: int, bits: int):
         ev = EVIDENCE.get(name)
         super().__init__(name=name, help=help, quality_gap=ev.gap_pct if ev else None,
-                         lr_advice=advice(ev) if ev else "")
+                         lr_advice=advice(ev, name) if ev else "")
         self.cls_name, self.n_states, self.bits = cls_name, n_states, bits
 
     def validate(self, ctx):

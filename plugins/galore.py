@@ -191,9 +191,10 @@ class GaLoreOptions:
 #: what bench/quality.py measured (galore-adamw; the other variants share its projection and scale, the layer-wise
 #: ones make the same updates as the normal ones): with scale "auto" (the default), and with galore-torch's 0.25
 EVIDENCE = {
-    "auto": Measured(0.95, 4, -2.63, measured_as="galore-adamw, rank 32 (hidden / 4), scale 2.0 = sqrt(n / rank) on "
-                                                 "every matrix there"),
-    0.25: Measured(7.25, 4, 1.77, measured_as="galore-adamw, rank 32, scale 0.25"),
+    "auto": Measured(0.95, 4, -2.63, recipe="galore-adamw",
+                     measured_as="galore-adamw, rank 32 (hidden / 4), scale 2.0 = sqrt(n / rank) on every matrix "
+                                 "there"),
+    0.25: Measured(7.25, 4, 1.77, recipe="galore-adamw", measured_as="galore-adamw, rank 32, scale 0.25"),
 }
 
 
@@ -226,13 +227,14 @@ class GaLorePlugin(Plugin):
     def __init__(self, name: str, cls_name: str, layerwise: bool):
         base = name[: -len(LAYERWISE)] if layerwise else name
         what = {"galore-adamw": "AdamW", "galore-adamw8bit": "8-bit AdamW", "galore-adafactor": "Adafactor"}[base]
-        help_ = (f"GaLore low-rank gradient projection with {what} (galore-torch {cls_name}); scale \"auto\" (default) "
-                 "keeps AdamW's step size")
+        help_ = (f"GaLore low-rank gradient projection with {what} (galore-torch {cls_name}); default scale \"auto\" "
+                 "= sqrt(n/rank) per matrix (galore-torch's is 0.25) keeps AdamW's step size at your lr")
         if layerwise:
             help_ += "; updated layer by layer inside backward (works with accumulation, clipping, DDP)"
         eight = "8bit" in name
         super().__init__(name=name, help=help_, requires=("galore_torch", "bitsandbytes") if eight else ("galore_torch",),
-                         needs_cuda=eight, quality_gap=EVIDENCE["auto"].gap_pct, lr_advice=advice(EVIDENCE["auto"]))
+                         needs_cuda=eight, quality_gap=EVIDENCE["auto"].gap_pct,
+                         lr_advice=advice(EVIDENCE["auto"], name))
         self.cls_name, self.layerwise = cls_name, layerwise
 
     def validate(self, ctx):

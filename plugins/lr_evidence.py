@@ -48,6 +48,8 @@ class Measured:
     :param best_mult: the multiplier of AdamW's learning rate with the lowest eval loss in the run's grid.
     :param best_gap_pct: the gap at that multiplier (against AdamW at x1).
     :param run: the run (a key of :data:`RUNS`).
+    :param recipe: the plugin that ran (``bench/quality.py``'s recipe), when the numbers are shared by plugins of
+        the same arithmetic (the layer-wise variants, paged states); the advice line names it for the others.
     :param measured_as: what ran, when it is not this plugin with its defaults (another plugin with the same
         arithmetic, or other options), in words; empty otherwise.
     """
@@ -57,6 +59,7 @@ class Measured:
     best_gap_pct: float
     run: str = "cpu-pretrain"
     measured_as: str = ""
+    recipe: str = ""
 
     @property
     def lossy(self) -> bool:
@@ -73,16 +76,18 @@ class Measured:
         return GRIDS.get(self.run, "the grid")
 
 
-def advice(m: Measured) -> str:
-    """One line for ``hf-lowmem plugins`` and the README table: what to do with your AdamW learning rate."""
-    where = RUNS[m.run][0]
+def advice(m: Measured, name: str = "") -> str:
+    """One line for ``hf-lowmem plugins`` and the README table: what to do with your AdamW learning rate (``name``:
+    the plugin it is for; the line says so when the numbers were measured with another one)."""
+    where = RUNS[m.run][0] + (f", measured with {m.recipe}" if m.recipe and name and m.recipe != name else "")
+    at_best = f"{m.best_gap_pct:+.2f}% at {m.best_mult:g}x"
     if not m.lossy:
-        return f"keep your lr: {m.gap_pct:+.2f}% vs AdamW at its lr ({where})"
+        better = f", {at_best}" if m.best_mult != 1 and m.best_gap_pct < m.gap_pct - LOSSY_PCT / 2 else ""
+        return f"keep your lr: {m.gap_pct:+.2f}% vs AdamW at its lr{better} ({where})"
     if m.fixable:
-        return (f"use ~{m.best_mult:g}x your lr: {m.gap_pct:+.2f}% vs AdamW at 1x, {m.best_gap_pct:+.2f}% at "
-                f"{m.best_mult:g}x ({where})")
-    return (f"lossy at every lr tried: {m.gap_pct:+.2f}% vs AdamW at 1x, best {m.best_mult:g}x at "
-            f"{m.best_gap_pct:+.2f}% ({where})")
+        return f"use ~{m.best_mult:g}x your lr: {m.gap_pct:+.2f}% vs AdamW at 1x, {at_best} ({where})"
+    rest = "worse at the other multiples" if m.best_mult == 1 else f"{at_best} at best"
+    return f"lossy at every lr of {m.grid}: {m.gap_pct:+.2f}% vs AdamW at 1x, {rest} ({where})"
 
 
 def measured_sentence(m: Measured) -> str:
