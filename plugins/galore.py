@@ -43,7 +43,8 @@ through ``state["projector"]``, pre-populated so galore-torch never creates its 
   pays at most ``ceil(N / gap)`` refreshes instead of ``N`` every ``gap`` steps. Refreshes use
   ``proj_method`` (``svd``, exact as in galore-torch, or ``randomized``).
 
-``stagger=False, proj_method="svd", init_proj_method="svd"`` reproduces galore-torch's own projector.
+``stagger=False, proj_method="svd", init_proj_method="svd"`` with a numeric ``scale`` reproduces galore-torch's own
+projector.
 
 Measured on an H200 (``bench/results/techniques.md``, 8 Llama-2-7B layers = 56 matrices, 8-bit layer-wise,
 seq 2048 x 4): the first step, with randomized initial projectors, took 1.46 s against 0.63 s for a plain
