@@ -89,8 +89,11 @@ class AdamMiniPlugin(Plugin):
 
     def memory_model(self, plan, st):
         sh, pb = plan.shape, plan.setup.param_bytes
-        # the first moment of every parameter; one second-moment value per row (per head for q and k: fewer)
-        rows = sh.n_layers * sum(r for _, (r, c) in sh.layer_matrices) + sh.vocab * (1 if sh.tied else 2)
+        # the first moment of every parameter; one second-moment value per row, per head for queries and keys
+        # (Adam-mini's name rule), per vocabulary row for the embedding and the LM head
+        per_head = ("q_proj", "k_proj", "wq", "wk", "query", "key")
+        rows = sh.n_layers * sum(r // sh.head_dim if any(k in n for k in per_head) else r
+                                 for n, (r, c) in sh.layer_matrices) + sh.vocab * (1 if sh.tied else 2)
         st.states = pb * sh.params_total + pb * rows
         st.opt_ws = 2.0 * sh.largest_param * pb  # grad * grad and the update, one tensor at a time
         st.opt_bytes_per_param = 6 * pb  # read p, g, m; write p, m; the update temporary
