@@ -23,11 +23,13 @@ def table() -> str:
                          text=True, check=True).stdout
     rows = [p for p in json.loads(out)["plugins"] if p["distribution"] == "hf-lowmem"]
     extras = {i.name: i.extra for i in load_plugins().registry}
-    lines = ["| kind | name | lossless | distributed modes | extra | what it does |", "|---|---|---|---|---|---|"]
+    lines = ["| kind | name | lossless | distributed modes | extra | what it does | at your AdamW learning rate "
+             "(bench/README-quality.md) |",
+             "|---|---|---|---|---|---|---|"]
     for p in rows:
         extra = f"`hf-lowmem[{extras[p['name']]}]`" if extras.get(p["name"]) else ""
         lines.append(f"| {p['kind']} | `{p['name']}` | {'yes' if p['lossless'] else 'no'} | {', '.join(p['modes'])} "
-                     f"| {extra} | {p['help']} |")
+                     f"| {extra} | {p['help']} | {p.get('lr_advice') or ''} |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """``hf-lowmem plugins``: every registered plugin with its kind, distribution, version and whether its
-dependencies are installed; plugins that failed to load are listed with the reason."""
+dependencies are installed, and for lossy optimizers what they measured at your learning rate; plugins that
+failed to load are listed with the reason."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def rows(host) -> list[dict]:
             "dependencies": "ok" if not missing else f"missing {', '.join(missing)} (pip install 'hf-lowmem[{info.extra}]')"
             if info.extra else f"missing {', '.join(missing)}",
             "lossless": info.lossless, "modes": list(info.modes), "help": info.help,
+            "quality_gap_pct": info.quality_gap, "lr_advice": info.lr_advice,
         })
     return out
 
@@ -39,7 +41,8 @@ def run(a: argparse.Namespace) -> int:
     widths = {c: max(len(c), *(len(str(r[c])) for r in table)) if table else len(c) for c in cols}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols) + "  DESCRIPTION")
     for r in table:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols) + "  " + r["help"])
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols) + "  " + r["help"]
+              + (f" [learning rate: {r['lr_advice']}]" if r["lr_advice"] else ""))
     for f in host.failures:
         print(f"\nFAILED TO LOAD: {f}")
         if a.verbose:

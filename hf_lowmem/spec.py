@@ -125,6 +125,11 @@ class Plugin:
         the Trainer then does not move the model to the GPU.
     :ivar provides: capabilities other plugins may look for with ``ctx.provides(...)`` instead of naming
         this plugin (e.g. ``"saved-tensor-hooks"``: it moves tensors saved for backward).
+    :ivar quality_gap: for a lossy optimizer (or quantization), its measured eval-loss gap against AdamW when
+        both run at AdamW's learning rate, in percent of AdamW's eval loss (``None``: not measured). At equal
+        speed the planner prefers the plan whose plugins' gaps add up to the least.
+    :ivar lr_advice: one line on the learning rate it needs against the user's AdamW one, with the numbers
+        (``hf-lowmem plugins`` and the README table show it); empty when there is nothing to say.
     :ivar distribution: filled in at registration: the distribution that registered it.
     :ivar version: filled in at registration: that distribution's version.
     """
@@ -142,6 +147,8 @@ class Plugin:
     essential: bool = False
     engine: bool = False
     provides: tuple[str, ...] = ()
+    quality_gap: float | None = None
+    lr_advice: str = ""
     distribution: str = ""
     version: str = ""
 

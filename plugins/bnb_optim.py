@@ -9,6 +9,14 @@ The Trainer's weight-decay groups are used (bias and norm weights get none), and
 ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` from the arguments (Lion has no epsilon; its betas can be
 overridden with the option ``betas``, bitsandbytes' default for Lion being ``[0.9, 0.99]``).
 
+**Learning rates** (``EVIDENCE``; bench/README-quality.md). The 8-bit AdamW variants make AdamW's step: +0.10%
+eval loss against AdamW at AdamW's learning rate, in CPU pretraining. Lion's update is ``lr * sign(...)``, whose
+entries are all of size ``lr``: with the Trainer's betas (0.9, 0.999) it was +3.06% at AdamW's learning rate and
+worse at every other multiple of it tried (x0.5-x4), so it says so at construction. Lion's own betas (0.9,
+0.99), which its authors and bitsandbytes use, were worse still in the same run (+9.66% at x1, +11.3% at x0.5,
++17.3% at x0.25: ``bench/results/quality_cpu_lion.json``), so the plugin keeps passing the Trainer's betas; the
+short schedule (200 steps) favours Lion's longer momentum average, and the GPU grid re-checks both.
+
 Options (``lowmem_options={"bnb-adamw8bit": {...}}``): ``min_8bit_size`` (tensors with fewer elements
 keep 32-bit state; bitsandbytes' default 4096), ``embeddings_32bit`` (keep the states of ``nn.Embedding``
 weights in 32 bits, as bitsandbytes recommends for stability; on by default; set per optimizer instance,
@@ -41,7 +49,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 from hf_lowmem import Plugin, hookimpl
+from hf_lowmem_plugins.lr_evidence import Measured, advice, lr_message, measured_sentence, say_once
+
+logger = logging.getLogger("hf_lowmem.bnb_optim")
 
 #: plugin name -> (bitsandbytes.optim class, help, optimizer states per parameter, bits per state)
 VARIANTS = {
@@ -52,8 +65,28 @@ VARIANTS = {
                              "RAM)", 2, 32),
     "bnb-lamb8bit": ("LAMB8bit", "bitsandbytes LAMB8bit; in bitsandbytes 0.49-0.50 its 8-bit update is AdamW's (no "
                      "trust ratio)", 2, 8),
-    "bnb-lion8bit": ("Lion8bit", "bitsandbytes 8-bit Lion (one momentum state: 1 byte/param; use a ~3-10x smaller "
-                     "lr)", 1, 8),
+    "bnb-lion8bit": ("Lion8bit", "bitsandbytes 8-bit Lion (one momentum state: 1 byte/param; sign updates: see its "
+                     "learning-rate note)", 1, 8),
+}
+
+
+_ADAMW8 = Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit")
+#: what bench/quality.py measured, per plugin (with the Trainer's betas); variants with the same arithmetic as
+#: 8-bit AdamW share its numbers. The 32-bit paged AdamW makes AdamW's own step: nothing to say.
+EVIDENCE = {
+    "bnb-adamw8bit": _ADAMW8,
+    "bnb-paged-adamw8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
+                                    measured_as="bnb-adamw8bit, the same 8-bit AdamW (paging only moves its states)"),
+    "bnb-lamb8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
+                             measured_as="bnb-adamw8bit: in bitsandbytes 0.49-0.50 LAMB8bit's 8-bit update is AdamW's"),
+    "bnb-lion8bit": Measured(3.06, 1, 3.06, measured_as="bnb-lion8bit with the Trainer's betas (0.9, 0.999)"),
+    "bnb-lion8bit betas 0.9, 0.99": Measured(9.66, 1, 9.66, run="cpu-pretrain-lion",
+                                             measured_as="bnb-lion8bit with betas (0.9, 0.99)"),
+}
+_WHY = {
+    "lion": "Lion's update is lr * sign(interpolated momentum): every entry has size lr, where AdamW's entries shrink "
+            "below lr as its second moment builds up, which is why Lion's authors use a 3-10x smaller learning rate",
+    "adamw": "8-bit block-wise states with AdamW's update rule: its step is AdamW's at the same learning rate",
 }
 
 
@@ -90,8 +123,25 @@ class BnbOptimizer(Plugin):
     modes = ("single", "dp", "ddp", "deepspeed")
 
     def __init__(self, name: str, cls_name: str, help: str, n_states: int, bits: int):
-        super().__init__(name=name, help=help)
+        ev = EVIDENCE.get(name)
+        super().__init__(name=name, help=help, quality_gap=ev.gap_pct if ev else None,
+                         lr_advice=advice(ev, name) if ev else "")
         self.cls_name, self.n_states, self.bits = cls_name, n_states, bits
+
+    def validate(self, ctx):
+        ev = EVIDENCE.get(self.name)
+        if ev is None:
+            return
+        betas = ctx.options(self.name).betas
+        if self.name == "bnb-lion8bit" and betas is not None:
+            ev = EVIDENCE.get(f"bnb-lion8bit betas {betas[0]:g}, {betas[1]:g}")
+            if ev is None:  # betas nobody measured: the betas and the measurement with the Trainer's
+                m = EVIDENCE["bnb-lion8bit"]
+                say_once(logger, logging.WARNING, f"{self.name}: betas {betas} are not measured; {_WHY['lion']}; "
+                         f"with the Trainer's betas {measured_sentence(m)}")
+                return
+        why = _WHY["lion" if "lion" in self.name else "adamw"]
+        say_once(logger, *lr_message(self.name, ev, ctx.args.learning_rate, why))
 
     def optimizer_cls_and_kwargs(self, ctx, model):
         self.import_requirements()

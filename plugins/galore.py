@@ -9,6 +9,16 @@ subspace: the gradient ``G`` is projected to ``R = G P^T`` (or ``P^T G``), the i
 ``P`` comes from the SVD of the gradient and is refreshed every ``update_proj_gap`` steps. Parameters
 that are not GaLore targets (embeddings, norms, the LM head) get the same optimizer at full rank.
 
+**The learning rate you already have** (``scale="auto"``, the default). The inner optimizer's update ``N`` on
+``R`` has AdamW-sized entries, but ``P`` has orthonormal rows, so projecting back spreads the same norm over
+``n / r`` times as many entries: the update's RMS is ``scale * sqrt(r / n)`` times AdamW's at the same learning
+rate (``n`` the side the projector reduces to ``r``). galore-torch's default ``scale=0.25`` therefore makes
+steps 0.12x AdamW's on a 576-wide model at rank 128 and 0.04x on a 4096-wide one, and GaLore's paper trains at
+several times AdamW's learning rate. ``scale="auto"`` sets ``scale = sqrt(n / r)`` per matrix, so the update's
+RMS is AdamW's at your learning rate: measured +0.95% eval loss against AdamW at AdamW's learning rate, where
+``scale=0.25`` was +7.25% (``EVIDENCE`` below; bench/README-quality.md). A number restores a fixed scale, and
+the plugin then says at construction how much smaller its steps are.
+
 What this module adds to galore-torch (its optimizers do the arithmetic; the glue here is our own; the
 projector lives in :mod:`hf_lowmem_plugins.galore_projector`, the layer-wise optimizer in
 :mod:`hf_lowmem_plugins.galore_layerwise`):
@@ -33,7 +43,8 @@ through ``state["projector"]``, pre-populated so galore-torch never creates its 
   pays at most ``ceil(N / gap)`` refreshes instead of ``N`` every ``gap`` steps. Refreshes use
   ``proj_method`` (``svd``, exact as in galore-torch, or ``randomized``).
 
-``stagger=False, proj_method="svd", init_proj_method="svd"`` reproduces galore-torch's own projector.
+``stagger=False, proj_method="svd", init_proj_method="svd"`` with a numeric ``scale`` reproduces galore-torch's own
+projector.
 
 Measured on an H200 (``bench/results/techniques.md``, 8 Llama-2-7B layers = 56 matrices, 8-bit layer-wise,
 seq 2048 x 4): the first step, with randomized initial projectors, took 1.46 s against 0.63 s for a plain
@@ -81,19 +92,22 @@ the plugins declare the modes they support), fp16 with a gradient scaler for the
 explicit ``args`` object, because galore-torch 1.0 passes them positionally and with bitsandbytes >= 0.49
 ``percentile_clipping=100`` would land in ``max_unorm`` and ``block_wise=True`` in ``skip_zeros``.
 
-(Over 400 lines because of this docstring, the plugins' reference: the code is ~330 lines.)
+(Over 400 lines because of this docstring, the plugins' reference: the code is ~360 lines.)
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from hf_lowmem import Plugin, anatomy, hookimpl
 from hf_lowmem.errors import PluginError
-from hf_lowmem_plugins.galore_layerwise import STATE_KEY, LayerwiseOptimizer, _layerwise_callback, _LayerwiseImpl
+from hf_lowmem_plugins.lr_evidence import Measured, advice, measured_sentence, say_once
+from hf_lowmem_plugins.lr_evidence import lr_message as evidence_message
+from hf_lowmem_plugins.galore_layerwise import STATE_KEY, LayerwiseOptimizer, _LayerwiseImpl, layerwise_callback
 from hf_lowmem_plugins.galore_projector import (PROJ_METHODS, GaLoreProjector, effective_method,  # noqa: F401
                                                 top_singular_vectors)
 
@@ -115,7 +129,9 @@ class GaLoreOptions:
 
     :param rank: rank of the projected gradient (and of the optimizer state) of each target matrix.
     :param update_proj_gap: steps between two refreshes of a matrix's projector.
-    :param scale: factor applied to the projected-back update (galore-torch's ``scale``, alpha).
+    :param scale: factor applied to the projected-back update (galore-torch's ``scale``, alpha): ``"auto"``
+        (``sqrt(n / rank)`` per matrix, ``n`` the projected side: AdamW's step size at your learning rate) or a
+        number (galore-torch's default was 0.25, which needs a several times larger learning rate).
     :param proj_type: ``std`` (project the smaller side), ``reverse_std``, ``left``, ``right``, ``full``.
     :param target_modules: regexes searched in module names; ``None`` picks the attention/MLP linears.
     :param stagger: spread projector refreshes over the ``update_proj_gap`` steps (see module docs).
@@ -130,7 +146,7 @@ class GaLoreOptions:
 
     rank: int = 128
     update_proj_gap: int = 200
-    scale: float = 0.25
+    scale: Any = "auto"
     proj_type: str = "std"
     target_modules: list[str] | None = None
     stagger: bool = True
@@ -146,8 +162,9 @@ class GaLoreOptions:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.update_proj_gap, int) or self.update_proj_gap < 1:
             raise ValueError(f"update_proj_gap must be a positive integer, got {self.update_proj_gap!r}")
-        if not isinstance(self.scale, (int, float)) or self.scale <= 0:
-            raise ValueError(f"scale must be a positive number, got {self.scale!r}")
+        if self.scale != "auto" and (isinstance(self.scale, bool) or not isinstance(self.scale, (int, float))
+                                     or not self.scale > 0):
+            raise ValueError(f"scale must be \"auto\" or a positive number, got {self.scale!r}")
         if self.proj_type not in PROJ_TYPES:
             raise ValueError(f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {self.proj_type!r}")
         for name in ("proj_method", "init_proj_method"):
@@ -172,6 +189,32 @@ class GaLoreOptions:
 # registration and validation
 # ------------------------------------------------------------------------------------------------
 
+#: what bench/quality.py measured (galore-adamw; the other variants share its projection and scale, the layer-wise
+#: ones make the same updates as the normal ones): with scale "auto" (the default), and with galore-torch's 0.25
+EVIDENCE = {
+    "auto": Measured(0.95, 4, -2.63, recipe="galore-adamw",
+                     measured_as="galore-adamw, rank 32 (hidden / 4), scale 2.0 = sqrt(n / rank) on every matrix "
+                                 "there"),
+    0.25: Measured(7.25, 4, 1.77, recipe="galore-adamw", measured_as="galore-adamw, rank 32, scale 0.25"),
+}
+
+
+def lr_message(name: str, opts: GaLoreOptions, lr: float) -> tuple[int, str]:
+    """(logging level, text) logged once at construction: how the step relates to AdamW's at ``lr``, the numbers."""
+    if opts.scale == "auto":
+        why = ("scale=\"auto\": each target matrix's projected-back update is scaled by sqrt(n / rank) (n the "
+               "projected side), so its RMS is about AdamW's at the same learning rate")
+        return evidence_message(name, EVIDENCE["auto"], lr, why)
+    r576, r4096 = (float(opts.scale) * math.sqrt(min(opts.rank, n) / n) for n in (576, 4096))
+    text = (f"{name}: fixed scale={opts.scale:g} with rank {opts.rank}: the update's RMS is scale * sqrt(rank / n) "
+            f"times AdamW's at the same learning rate (n the projected side: {r576:.2f}x for n=576, {r4096:.2f}x for "
+            f"n=4096), so at your AdamW learning rate ({lr:g}) it takes smaller steps. Raise learning_rate by about "
+            "1/ratio, or use scale=\"auto\" (the default), which matches AdamW's step at your learning rate")
+    if float(opts.scale) in EVIDENCE:
+        text += f"; {measured_sentence(EVIDENCE[float(opts.scale)])}"
+    return logging.WARNING, text
+
+
 _STREAM_REASON = ("GaLore projects each weight's full gradient inside the optimizer; the stream engine brings its own "
                   "optimizer and never hands the Trainer one. Use GaLore without stream, or stream with its optimizer")
 
@@ -185,21 +228,26 @@ class GaLorePlugin(Plugin):
     def __init__(self, name: str, cls_name: str, layerwise: bool):
         base = name[: -len(LAYERWISE)] if layerwise else name
         what = {"galore-adamw": "AdamW", "galore-adamw8bit": "8-bit AdamW", "galore-adafactor": "Adafactor"}[base]
-        help_ = f"GaLore low-rank gradient projection with {what} (galore-torch {cls_name})"
+        help_ = (f"GaLore low-rank gradient projection with {what} (galore-torch {cls_name}); default scale \"auto\" "
+                 "= sqrt(n/rank) per matrix (galore-torch's is 0.25) keeps AdamW's step size at your lr")
         if layerwise:
             help_ += "; updated layer by layer inside backward (works with accumulation, clipping, DDP)"
         eight = "8bit" in name
         super().__init__(name=name, help=help_, requires=("galore_torch", "bitsandbytes") if eight else ("galore_torch",),
-                         needs_cuda=eight)
+                         needs_cuda=eight, quality_gap=EVIDENCE["auto"].gap_pct,
+                         lr_advice=advice(EVIDENCE["auto"], name))
         self.cls_name, self.layerwise = cls_name, layerwise
 
     def validate(self, ctx):
         if self.layerwise and getattr(ctx.args, "fp16", False):
             raise PluginError(f"plugin {self.name!r} updates parameters inside backward, before a fp16 gradient scaler "
                               "could unscale and check the gradients: train with bf16=True (or fp32) instead of fp16")
+        say_once(logger, *lr_message(self.name, ctx.options(self.name), ctx.args.learning_rate))
 
     def callbacks(self, ctx):
-        return [_layerwise_callback(ctx)] if self.layerwise else []
+        if not self.layerwise:
+            return []
+        return [layerwise_callback(lambda: (ctx.state.get(STATE_KEY) or {}).get("optimizer"))]
 
     def create_optimizer(self, ctx, model, trainer):
         return create_optimizer(self, ctx, model, trainer)
@@ -321,13 +369,26 @@ def galore_param_groups(trainer, model, opts: GaLoreOptions, targets) -> list[di
     return groups
 
 
+def matrix_scale(shape, opts: GaLoreOptions) -> float:
+    """The ``scale`` of a target matrix of ``shape``: under ``"auto"``, ``sqrt(n / rank)`` with ``n`` the side the
+    projector reduces to ``rank`` (``sqrt(m n) / rank`` for ``full``, which reduces both)."""
+    if opts.scale != "auto":
+        return float(opts.scale)
+    m, n = shape
+    if opts.proj_type == "full":
+        return math.sqrt(m * n) / min(opts.rank, m, n)
+    side = {"std": min(m, n), "reverse_std": max(m, n), "left": m, "right": n}[opts.proj_type]
+    return math.sqrt(side / min(opts.rank, side))
+
+
 def make_projectors(targets, opts: GaLoreOptions) -> dict:
     """One :class:`GaLoreProjector` per target weight, with staggered refresh offsets."""
     n = len(targets)
     out = {}
     for i, (_, m) in enumerate(targets):
         offset = (i * opts.update_proj_gap) // n if opts.stagger else 0
-        out[m.weight] = GaLoreProjector(opts.rank, opts.update_proj_gap, opts.scale, opts.proj_type, opts.proj_method,
+        out[m.weight] = GaLoreProjector(opts.rank, opts.update_proj_gap, matrix_scale(m.weight.shape, opts),
+                                        opts.proj_type, opts.proj_method,
                                         opts.init_proj_method, offset=offset, oversample=opts.oversample,
                                         power_iters=opts.power_iters, seed=opts.seed, index=i)
     return out

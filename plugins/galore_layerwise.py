@@ -1,7 +1,7 @@
-"""GaLore's layer-wise optimizer: one galore-torch optimizer per parameter, stepped from
-post-accumulate-grad hooks, with gradient accumulation, exact clipping and DDP (the ``*-layerwise``
-plugins of :mod:`hf_lowmem_plugins.galore`, whose docstring explains how), and the callback that attaches
-its hooks for the length of ``train()``.
+"""GaLore's layer-wise optimizer: one inner optimizer per parameter (galore-torch's, or apollo-torch's for the
+APOLLO plugins), stepped from post-accumulate-grad hooks, with gradient accumulation, exact clipping and DDP
+(the ``*-layerwise`` plugins of :mod:`hf_lowmem_plugins.galore`, whose docstring explains how), and
+:func:`layerwise_callback`, which attaches its hooks for the length of ``train()``.
 """
 
 from __future__ import annotations
@@ -192,33 +192,39 @@ def _find_ddp(model):
     return None
 
 
-def _layerwise_callback(ctx):
+def layerwise_callback(get_optimizer):
+    """The ``TrainerCallback`` every layer-wise plugin adds (GaLore's and APOLLO's): it attaches the optimizer's
+    per-parameter hooks when ``train()`` begins (and takes over DDP's gradient synchronisation), detaches them
+    when it ends, and replaces the ``grad_norm`` the Trainer logs, which it measures after the hooks have freed
+    every gradient, by the norm the hooks computed.
+
+    :param get_optimizer: called with no argument at each of those events; returns the run's layer-wise
+        optimizer (what :func:`LayerwiseOptimizer` built, e.g. from ``ctx.state``), or ``None`` while there
+        is none (the callback then does nothing).
+    :return: a ``transformers.TrainerCallback``.
+    """
     from transformers import TrainerCallback
 
-    class GaLoreLayerwiseCallback(TrainerCallback):
+    class LayerwiseCallback(TrainerCallback):
         """Attaches the layer-wise hooks for the length of ``train()`` and reports the real gradient norm."""
 
-        def _opt(self):
-            built = ctx.state.get(STATE_KEY)
-            return built["optimizer"] if built else None
-
         def on_train_begin(self, args, state, control, **kw):
-            opt = self._opt()
+            opt = get_optimizer()
             if opt is not None:
                 opt.attach(getattr(opt.trainer, "model_wrapped", None))
 
         def on_train_end(self, args, state, control, **kw):
-            opt = self._opt()
+            opt = get_optimizer()
             if opt is not None:
                 opt.detach()
 
         def on_log(self, args, state, control, logs=None, **kw):
             # The Trainer measures the norm after backward, when the layer-wise hooks have freed every gradient.
-            opt = self._opt()
+            opt = get_optimizer()
             if opt is None or opt.last_grad_norm is None or not logs or "grad_norm" not in logs:
                 return
             logs["grad_norm"] = opt.last_grad_norm
             if state.log_history and "grad_norm" in state.log_history[-1]:
                 state.log_history[-1]["grad_norm"] = opt.last_grad_norm
 
-    return GaLoreLayerwiseCallback()
+    return LayerwiseCallback()

@@ -202,7 +202,9 @@ def test_layerwise_refuses_fp16():
     from hf_lowmem.errors import PluginError
     from hf_lowmem.plugins import get_plugin_host
 
-    ctx = SimpleNamespace(args=SimpleNamespace(fp16=True))
+    from hf_lowmem_plugins.galore import GaLoreOptions
+
+    ctx = SimpleNamespace(args=SimpleNamespace(fp16=True, learning_rate=1e-3), options=lambda name: GaLoreOptions())
     with pytest.raises(PluginError, match="bf16"):
         get_plugin_host().registry["galore-adamw-layerwise"].validate(ctx)
     get_plugin_host().registry["galore-adamw"].validate(ctx)  # the Trainer's scaler unscales before a normal step

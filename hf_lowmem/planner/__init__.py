@@ -26,8 +26,9 @@ A package of small modules, each usable on its own:
   memory traffic, host<->GPU copies that compute cannot hide), relative to unlimited GPU memory.
 * :mod:`~hf_lowmem.planner.search`: :func:`plan_training` tries every combination of the installed plugins'
   variants (:meth:`~hf_lowmem.spec.Plugin.plan_variants`), and picks the fastest that fits the GPU and host
-  budgets; among plans within 5% of the fastest, lossless ones come first. It keeps the rejected
-  alternatives with the reason, and the smallest budget that any plan meets.
+  budgets; among plans within 5% of the fastest, lossless ones come first, then the one whose plugins
+  measured the smallest quality gap against AdamW (:attr:`~hf_lowmem.spec.Plugin.quality_gap`). It keeps the
+  rejected alternatives with the reason, and the smallest budget that any plan meets.
 * :mod:`~hf_lowmem.planner.arguments`: :func:`plan_for_args`, what ``lowmem_gpu_memory`` runs.
 
 Sizes are read by :func:`hf_lowmem.sizes.parse_size`: ``"8GiB"`` is 8 x 2^30 bytes, ``"8GB"`` 8 x 10^9, as

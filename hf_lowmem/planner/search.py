@@ -1,6 +1,6 @@
 """The search: every combination of the installed plugins' variants, estimated, and the fastest that fits
-the GPU and host budgets (among plans within 5% of the fastest, lossless ones first), with the rejected
-alternatives and the smallest budget any plan meets."""
+the GPU and host budgets (among plans within 5% of the fastest, lossless ones first, then the best measured
+quality: :func:`quality_gap`), with the rejected alternatives and the smallest budget any plan meets."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Candidate:
     fits_gpu: bool
     fits_host: bool
     unavailable: str | None = None  # why it cannot run here (missing package, needs CUDA)
+    quality_gap: float | None = 0.0  # measured eval-loss gap vs AdamW at the user's lr, % (see quality_gap())
 
     @property
     def label(self) -> str:
@@ -65,6 +66,7 @@ class Candidate:
 
     def to_dict(self, gpu_budget: int, host_budget: int) -> dict:
         return {"plugins": self.label, "arguments": self.lowmem_arguments(), "lossless": self.lossless,
+                "quality_gap_pct": self.quality_gap,
                 "fits": self.fits, "available": self.unavailable is None,
                 "why_not": None if self.usable else self.why_not(gpu_budget, host_budget),
                 **self.estimate.to_dict()}
@@ -228,6 +230,25 @@ def _unavailable(plugins: list, device: str, check_installed: bool) -> str | Non
     return None
 
 
+def quality_gap(inp: PlanInput, plugins: list) -> float | None:
+    """The measured eval-loss gap of a plan against AdamW when both run at the user's learning rate, in percent:
+    the sum of its lossy plugins' :attr:`~hf_lowmem.spec.Plugin.quality_gap` (0 for a lossless plan; a sum, since
+    gaps of independent losses roughly add up), or ``None`` when one of them has no measurement."""
+    total = 0.0
+    for plugin in plugins:
+        if plugin.lossless_in(inp):
+            continue
+        if plugin.quality_gap is None:
+            return None
+        total += plugin.quality_gap
+    return total
+
+
+def _quality_rank(c: Candidate) -> tuple[bool, float]:
+    """Measured plans before unmeasured ones, then the smaller gap."""
+    return c.quality_gap is None, c.quality_gap or 0.0
+
+
 def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_budget: int, *, host: Any = None,
                   device: DeviceSpec = DEFAULT_DEVICE, require: Mapping[str, list[str]] | None = None,
                   raw_options: Mapping[str, dict] | None = None, lossless_only: bool = False,
@@ -271,7 +292,8 @@ def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_bu
             continue  # a plugin would refuse this plan on this model
         c = Candidate(inp=inp, estimate=est, lossless=lossless, fits_gpu=est.gpu_total <= gpu_budget,
                       fits_host=est.host_total <= host_budget,
-                      unavailable=_unavailable(plugins, setup.device, check_installed))
+                      unavailable=_unavailable(plugins, setup.device, check_installed),
+                      quality_gap=quality_gap(inp, plugins))
         candidates.append(c)
     candidates.sort(key=lambda c: (-(c.estimate.speed or 0.0), not c.lossless, c.estimate.gpu_total))
     usable = [c for c in candidates if c.usable]
@@ -279,10 +301,11 @@ def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_bu
     if usable:
         fastest = max(c.estimate.speed or 0.0 for c in usable)
         near = [c for c in usable if (c.estimate.speed or 0.0) >= 0.95 * fastest]
-        chosen = min(near, key=lambda c: (not c.lossless, -(c.estimate.speed or 0.0), len(c.inp.names()),
-                                          c.estimate.gpu_total))
+        chosen = min(near, key=lambda c: (not c.lossless, _quality_rank(c), -(c.estimate.speed or 0.0),
+                                          len(c.inp.names()), c.estimate.gpu_total))
     runnable = [c for c in candidates if c.unavailable is None and c.fits_host]
-    smallest = min(runnable, key=lambda c: (c.estimate.gpu_total, -(c.estimate.speed or 0))) if runnable else None
+    smallest = (min(runnable, key=lambda c: (c.estimate.gpu_total, _quality_rank(c), -(c.estimate.speed or 0)))
+                if runnable else None)
     return Plan(shape=shape, setup=setup, gpu_budget=gpu_budget, host_budget=host_budget, chosen=chosen,
                 candidates=candidates, smallest=smallest,
                 constraints={k: v for k, v in (require or {}).items() if v})

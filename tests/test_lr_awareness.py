@@ -1,0 +1,230 @@
+"""Learning-rate awareness of the lossy optimizer plugins (issue 16): every one says once, at construction, what
+was measured at the user's learning rate, with numbers; GaLore's scale="auto" makes AdamW's step size; Lion's
+betas; the planner prefers the better measured quality; ``hf-lowmem plugins`` and the README table show it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+
+import pytest
+import torch
+
+from hf_lowmem.testing import RandomTokens, make_context, tiny_model, train_args
+
+#: every lossy optimizer plugin of hf-lowmem (and int8-weights, whose loss is in the optimizer step's rounding)
+LOSSY = ["adafactor", "adam-mini", "apollo", "apollo-layerwise", "apollo-mini", "apollo-mini-layerwise",
+         "bnb-adamw8bit", "bnb-lamb8bit", "bnb-lion8bit", "bnb-paged-adamw8bit", "galore-adafactor",
+         "galore-adafactor-layerwise", "galore-adamw", "galore-adamw-layerwise", "galore-adamw8bit",
+         "galore-adamw8bit-layerwise", "int8-weights"]
+#: lossy by declaration but with AdamW's own step: nothing to say about the learning rate
+SILENT = {"bnb-paged-adamw32bit": "32-bit AdamW states (bitsandbytes' kernel): AdamW's step"}
+LR = 3e-4
+
+
+@pytest.fixture(scope="module")
+def host():
+    from hf_lowmem.plugins import load_plugins
+
+    return load_plugins()
+
+
+def test_the_list_is_every_lossy_optimizer_plugin(host):
+    found = {p.name for p in host.registry if p.distribution == "hf-lowmem" and not p.lossless
+             and p.kind == "optimizer"}
+    assert found == (set(LOSSY) - {"int8-weights"}) | set(SILENT)
+    for name in SILENT:
+        assert host.registry[name].quality_gap is None and not host.registry[name].lr_advice
+
+
+def _selection(name: str, host) -> dict:
+    kind = host.registry[name].kind
+    return {"lowmem_optimizer": name} if kind == "optimizer" else {"lowmem_quantization": name}
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_construction_says_the_measured_numbers_once(tmp_path, caplog, host, name):
+    from hf_lowmem_plugins.lr_evidence import LOSSY_PCT, forget_said
+
+    from hf_lowmem import LowMemTrainer
+
+    plugin = host.registry[name]
+    if plugin.missing_requirements():
+        pytest.skip(f"{name} needs {plugin.missing_requirements()}")
+    forget_said()
+    kw = dict(_selection(name, host), learning_rate=LR, max_grad_norm=0.0)
+    with caplog.at_level(logging.INFO, logger="hf_lowmem"):
+        caplog.clear()
+        if plugin.needs_cuda and not torch.cuda.is_available():  # what construction calls, without the GPU check
+            ctx = make_context(host, **kw)
+            plugin.validate(ctx)
+            plugin.validate(ctx)
+        else:
+            for _ in range(2):  # a second trainer with the same settings says nothing new
+                LowMemTrainer(model=tiny_model(), args=train_args(tmp_path, **kw), train_dataset=RandomTokens(n=4, seq=8))
+    said = [r for r in caplog.records if r.getMessage().startswith(f"{name}: ") and "AdamW" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    msg = said[0].getMessage()
+    gap = plugin.quality_gap
+    assert gap is not None and f"{gap:+.2f}% eval loss vs AdamW at AdamW's learning rate" in msg
+    assert re.search(r"bench/results/quality_\w+\.json", msg) and f"{LR:g}" in msg
+    assert said[0].levelno == (logging.WARNING if gap > LOSSY_PCT else logging.INFO)
+    if gap > LOSSY_PCT:  # lossy at your lr: it names the learning rate to use, or says that none of the grid did
+        assert re.search(r"use about [0-9.e-]+ \(\d+x\)", msg) or "no multiple of it in" in msg
+    assert f"{gap:+.2f}%" in plugin.lr_advice
+
+
+def test_a_fixed_galore_scale_gives_the_step_ratio_and_its_measurement(caplog):
+    from hf_lowmem_plugins.galore import EVIDENCE, GaLoreOptions, lr_message
+
+    level, msg = lr_message("galore-adamw", GaLoreOptions(scale=0.25), 1e-3)
+    assert level == logging.WARNING
+    assert f"{0.25 * math.sqrt(128 / 576):.2f}x for n=576" in msg and f"{0.25 * math.sqrt(128 / 4096):.2f}x for n=4096" in msg
+    assert f"{EVIDENCE[0.25].gap_pct:+.2f}%" in msg and "scale=\"auto\"" in msg
+    level, msg = lr_message("galore-adamw", GaLoreOptions(scale=1.0), 1e-3)  # not measured: the ratio alone
+    assert level == logging.WARNING and "0.47x for n=576" in msg and "measured" not in msg
+
+
+def test_adafactor_with_relative_step_says_its_own_step_replaces_your_lr(caplog):
+    from hf_lowmem_plugins.lr_evidence import forget_said
+
+    forget_said()
+    ctx = make_context(lowmem_optimizer="adafactor", lowmem_options={"adafactor": {"relative_step": True}})
+    with caplog.at_level(logging.INFO, logger="hf_lowmem"):
+        ctx.plugin("optimizer").validate(ctx)
+    (rec,) = [r for r in caplog.records if r.getMessage().startswith("adafactor: ")]
+    assert "min(1e-2, 1/sqrt(step))" in rec.getMessage() and "replaces your learning rate" in rec.getMessage()
+
+
+# ---- GaLore's scale="auto" -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("proj_type,expect", [("std", lambda m, n: math.sqrt(min(m, n) / 4)),
+                                              ("reverse_std", lambda m, n: math.sqrt(max(m, n) / 4)),
+                                              ("left", lambda m, n: math.sqrt(m / 4)),
+                                              ("full", lambda m, n: math.sqrt(m * n) / 4)])
+def test_galore_auto_scale_is_sqrt_of_the_projected_side_over_rank(proj_type, expect):
+    from hf_lowmem_plugins.galore import GaLoreOptions, make_projectors, select_targets
+
+    opts = GaLoreOptions(rank=4, proj_type=proj_type)
+    assert GaLoreOptions().scale == "auto"
+    targets = select_targets(tiny_model(), opts)
+    projectors = make_projectors(targets, opts)
+    shapes = set()
+    for _, m in targets:
+        shapes.add(tuple(m.weight.shape))
+        assert projectors[m.weight].scale == pytest.approx(expect(*m.weight.shape))
+    assert shapes == {(32, 32), (16, 32), (64, 32), (32, 64)}  # q/o, k/v (GQA), up/gate, down
+    fixed = make_projectors(targets, GaLoreOptions(rank=4, scale=0.25))
+    assert {p.scale for p in fixed.values()} == {0.25}
+
+
+@pytest.mark.parametrize("scale,ratio", [("auto", 1.0), (0.25, 0.25 * math.sqrt(64 / 256))])
+def test_galore_auto_scale_makes_the_first_update_adamws_size(scale, ratio):
+    """Adam's first update is lr * sign(g) (RMS = lr). GaLore's is lr * scale * sign(R) projected back by an
+    orthonormal basis: RMS lr * scale * sqrt(rank / n). Under "auto" that is lr, exactly."""
+    from galore_torch import GaLoreAdamW
+    from hf_lowmem_plugins.galore import GaLoreOptions, make_projectors
+
+    lin = torch.nn.Linear(256, 512, bias=False)
+    torch.nn.init.zeros_(lin.weight)
+    lin.weight.grad = torch.randn(512, 256, generator=torch.Generator().manual_seed(0))
+    opts = GaLoreOptions(rank=64, scale=scale)
+    opt = GaLoreAdamW([{"params": [lin.weight], "rank": 64, "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}],
+                      lr=1.0, eps=1e-12, weight_decay=0.0, no_deprecation_warning=True)
+    opt.state[lin.weight]["projector"] = make_projectors([("lin", lin)], opts)[lin.weight]
+    opt.step()
+    rms = float(lin.weight.detach().square().mean().sqrt())
+    assert rms == pytest.approx(ratio, rel=1e-4)
+
+
+# ---- Lion's betas ------------------------------------------------------------------------------------------------
+def test_lion_gets_the_trainers_betas_and_says_what_its_own_measured(caplog):
+    pytest.importorskip("bitsandbytes")
+    from hf_lowmem_plugins.bnb_optim import EVIDENCE, _bnb_kwargs
+    from hf_lowmem_plugins.lr_evidence import forget_said
+
+    ctx = make_context(lowmem_optimizer="bnb-lion8bit", adam_beta2=0.995)
+    assert _bnb_kwargs("bnb-lion8bit", ctx.args, ctx.options("bnb-lion8bit"))["betas"] == (0.9, 0.995)
+    forget_said()
+    with caplog.at_level(logging.INFO, logger="hf_lowmem"):
+        for betas, expect in (([0.9, 0.99], f"{EVIDENCE['bnb-lion8bit betas 0.9, 0.99'].gap_pct:+.2f}%"),
+                              ([0.95, 0.98], "are not measured")):
+            c = make_context(lowmem_optimizer="bnb-lion8bit", lowmem_options={"bnb-lion8bit": {"betas": betas}})
+            c.plugin("optimizer").validate(c)
+            assert expect in caplog.records[-1].getMessage()
+            assert caplog.records[-1].levelno == logging.WARNING
+
+
+# ---- the planner -------------------------------------------------------------------------------------------------
+def _twin_optimizers(gaps: dict):
+    """Optimizer plugins with the same memory and speed (no state at all), differing only in measured quality."""
+    from hf_lowmem import Plugin, hookimpl
+    from hf_lowmem.plugins import load_plugins
+
+    class NoState(Plugin):
+        kind, lossless = "optimizer", False
+
+        def memory_model(self, plan, step):
+            step.states = 0
+
+    class Module:
+        @hookimpl
+        def hf_lowmem_register(self, register):
+            for name, gap in gaps.items():
+                register(NoState(name=name, quality_gap=gap))
+
+    h = load_plugins(entry_points=False, extra_plugins=[("twins", Module())])
+    assert not h.failures, [str(f) for f in h.failures]
+    return h
+
+
+@pytest.mark.parametrize("gaps,best", [({"opt-a": 3.0, "opt-b": 0.5, "opt-c": None}, "opt-b"),
+                                       ({"opt-a": 0.5, "opt-b": 3.0, "opt-c": None}, "opt-a"),
+                                       ({"opt-a": None, "opt-b": 4.0}, "opt-b")])
+def test_the_planner_prefers_the_better_measured_quality_at_equal_memory(gaps, best):
+    from hf_lowmem.planner import TrainSetup, load_model_shape, parse_size, plan_training
+
+    shape = load_model_shape("smollm2-135m")
+    plan = plan_training(shape, TrainSetup(micro_batch=1, seq_len=512), parse_size("80GiB"), parse_size("64GiB"),
+                         host=_twin_optimizers(gaps), check_installed=False)
+    by_name = {c.inp.selected("optimizer"): c for c in plan.candidates if not c.inp.names()[1:]}
+    assert len({c.estimate.gpu_total for c in by_name.values()}) == 1  # equal memory, equal speed
+    assert len({c.estimate.speed for c in by_name.values()}) == 1
+    assert plan.chosen.inp.selected("optimizer") == best and plan.chosen.quality_gap == gaps[best]
+    assert plan.smallest.inp.selected("optimizer") == best
+    assert plan.chosen.to_dict(plan.gpu_budget, plan.host_budget)["quality_gap_pct"] == gaps[best]
+
+
+def test_plan_quality_gap_adds_lossy_plugins_and_ignores_lossless_ones(host):
+    from hf_lowmem.planner import PlanInput, TrainSetup, load_model_shape
+    from hf_lowmem.planner.estimate import selected_plugins
+    from hf_lowmem.planner.search import quality_gap
+
+    shape, setup = load_model_shape("smollm2-135m"), TrainSetup()
+    inp = PlanInput(shape, setup, {"optimizer": ("bnb-adamw8bit",), "quantization": ("int8-weights",),
+                                   "offload": ("gradient-checkpointing",)})
+    expect = host.registry["bnb-adamw8bit"].quality_gap + host.registry["int8-weights"].quality_gap
+    assert quality_gap(inp, selected_plugins(inp, host)) == pytest.approx(expect)
+    lossless = PlanInput(shape, setup, {"optimizer": ("adamw",)})
+    assert quality_gap(lossless, selected_plugins(lossless, host)) == 0.0
+    unmeasured = PlanInput(shape, setup, {"optimizer": ("bnb-paged-adamw32bit",)})
+    assert quality_gap(unmeasured, selected_plugins(unmeasured, host)) is None
+
+
+# ---- where users read it -----------------------------------------------------------------------------------------
+def test_plugins_cli_and_readme_table_show_the_lr_advice(host, capsys):
+    from pathlib import Path
+
+    from hf_lowmem.cli_plugins import rows
+
+    table = {r["name"]: r for r in rows(host)}
+    for name in LOSSY:
+        assert table[name]["lr_advice"] == host.registry[name].lr_advice != ""
+        assert table[name]["quality_gap_pct"] == host.registry[name].quality_gap
+    assert table["adamw"]["lr_advice"] == "" and table["adamw"]["quality_gap_pct"] is None
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- plugin-table:begin -->")[1].split("<!-- plugin-table:end -->")[0]
+    for name in LOSSY:
+        line = next(x for x in block.splitlines() if x.startswith(f"| {host.registry[name].kind} | `{name}` |"))
+        assert line.rstrip(" |").endswith(host.registry[name].lr_advice), \
+            "README plugin table is stale: python examples/plugin_table.py --write"
