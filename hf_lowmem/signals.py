@@ -22,6 +22,14 @@ Temporary files
     registers it for cleanup. A run killed with SIGKILL runs no cleanup; the next one that makes a temp
     folder under the same parent (or calls :func:`remove_stale`) finds folders whose marker names a
     process of this host that no longer runs, and removes them. Folders of other hosts are left alone.
+
+Exit
+    After a ``train()`` that returned normally under several processes, :func:`destroy_process_group_at_exit`
+    destroys the default process group at interpreter exit (unless the script did so itself). Without it,
+    Gloo's worker threads can still hold work objects when the interpreter finalizes and the process
+    aborts (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291), so a run
+    that trained fine exits with status -6. After an exception it is left alone: ranks that are still in
+    a collective would make a destroy hang.
 """
 
 from __future__ import annotations
@@ -106,6 +114,26 @@ def run_cleanups() -> list[str]:
     for e in errors:
         logger.warning("hf-lowmem: a cleanup failed: %s", e)
     return errors
+
+
+_destroy_installed = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group at interpreter exit if it is still there (see *Exit* above)."""
+    global _destroy_installed
+    with _lock:
+        if _destroy_installed:
+            return
+        _destroy_installed = True
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _remove(path: Path) -> None:

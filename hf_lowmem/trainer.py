@@ -94,6 +94,8 @@ class LowMemTrainerMixin:
             stopper.restore()
         if stopper.received:
             stopper.finish(self)
+        if self.args.world_size > 1:
+            signals.destroy_process_group_at_exit()
         return output
 
     # ---- checkpoints -----------------------------------------------------------------------------------
