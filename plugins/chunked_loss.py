@@ -99,7 +99,9 @@ def _make_function():
                     g = torch.softmax(post_logits.detach(), dim=-1)
                     vf = valid.to(g.dtype).unsqueeze(1)
                     g.scatter_add_(1, lab.clamp_min(0).unsqueeze(1), -vf)
-                    g.mul_(vf * scale)
+                    # rows without a label get exactly 0, as cross_entropy's own backward gives them, even when
+                    # the scale is inf (a window without any label: the loss is 0/0 there too)
+                    g.mul_(scale).masked_fill_(~valid.unsqueeze(1), 0.0)
                 if ctx.post is not _identity:  # chain rule through soft-capping / scaling
                     (g,) = torch.autograd.grad(post_logits, logits, g)
                 g_raw = g.to(raw.dtype)
@@ -237,15 +239,46 @@ def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 
     return total / denom
 
 
+def not_causal_lm(model) -> str | None:
+    """Why ``model`` is not a causal LM whose loss this plugin computes (labels shifted by one, every position
+    predicting the next token), or ``None`` when it is one. An encoder-decoder model (T5, BART) computes its
+    loss on the decoder's output for the decoder's own inputs, a masked LM (BERT) on unshifted labels: the
+    chunked loss would silently be another loss there (T5: 19.9 instead of 5.3 at the first step)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = unwrap(model)
+    if callable(getattr(base, "get_base_model", None)):  # a PEFT wrapper
+        base = base.get_base_model()
+    cfg = getattr(base, "config", None)
+    name = type(base).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model (its loss is over the decoder's outputs, not shifted inputs)"
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if name in causal or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    if name.endswith("ForMaskedLM"):
+        return f"{name} is a masked LM (its labels are not shifted: each position predicts itself)"
+    return f"{name} is not a causal LM (a *ForCausalLM model)"
+
+
 class ChunkedLoss(Plugin):
     name, kind, options, lossless, modes = NAME, "offload", ChunkedLossOptions, True, ("single",)
     help = ("causal-LM loss computed in token chunks (LM head + cross-entropy, recomputed in backward): "
             "the full logits are never materialised")
+    incompatible = {"stream": "redundant: the stream engine computes the loss in token chunks itself (its option "
+                              "loss_chunk_tokens) and would never call chunked-loss; drop chunked-loss"}
 
     def validate(self, ctx):
         if getattr(ctx.args, "label_smoothing_factor", 0.0):
             raise PluginError("chunked-loss computes the plain cross-entropy; it cannot apply label_smoothing_factor="
                               f"{ctx.args.label_smoothing_factor}. Set label_smoothing_factor=0 or drop chunked-loss.")
+
+    def prepare_model(self, ctx, model):
+        why = not_causal_lm(model)
+        if why is not None:
+            raise PluginError(f"chunked-loss computes the causal-LM loss (labels shifted by one) and {why}: it would "
+                              "train on a wrong loss. Drop chunked-loss from lowmem_offload for this model.")
+        return None
 
     def compute_loss(self, ctx, model, inputs, num_items_in_batch):
         return causal_lm_chunked_loss(model, inputs, num_items_in_batch, ctx.options(NAME).chunk_size,

@@ -169,9 +169,7 @@ class MaskedTokens(torch.utils.data.Dataset):
 
 
 MASKED = [pytest.param([], id="plain"),
-          pytest.param(["chunked-loss"], id="chunked-loss", marks=pytest.mark.xfail(
-              strict=True, reason="wave 2 (plugins/chunked_loss.py, core helper's module): the loss divides by 0 "
-                                  "tokens and every parameter becomes NaN")),
+          pytest.param(["chunked-loss"], id="chunked-loss"),
           pytest.param(["stream"], id="stream", marks=pytest.mark.xfail(
               strict=True, reason="engine helper (hf_lowmem/engine): 1.0 / n_items raises ZeroDivisionError"))]
 
