@@ -92,7 +92,7 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert "\n" not in str(info.value) and blocker.read_text() == "not a folder"  # before: NotADirectoryError
 
 
-def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, monkeypatch):
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, monkeypatch):  # noqa: F811
     """On a tiny tmpfs when this machine lets the test mount one, else with an injected ENOSPC."""
     import hf_lowmem_plugins.activation_offload as ao
 

@@ -162,7 +162,8 @@ def test_plot_without_matplotlib_fails_at_construction(tmp_path, monkeypatch):
         train_args(tmp_path, lowmem_plot="out.png")
 
 
-def test_summary_compares_with_the_plan(tmp_path, capsys):
+def test_summary_compares_with_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hf_lowmem.planner.arguments.training_device", lambda args: "cuda")  # planned as on a GPU
     trainer, _ = _run(tmp_path, lowmem_gpu_memory="1GiB", lowmem_host_memory="64GiB")
     summary = trainer.lowmem_ctx.state["telemetry"]
     assert summary["planned"]["plugins"] and summary["planned"]["gpu_peak_alloc_gib"] > 0
