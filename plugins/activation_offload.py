@@ -516,10 +516,14 @@ class ActivationOffload(Plugin):
                                   f"{fix}") from None
             if not os.access(d, os.W_OK | os.X_OK):
                 raise PluginError(f"activation-offload: directory {d!r} is not writable; {fix}")
-        if getattr(ctx.args, "gradient_checkpointing", False):
-            logger.warning("activation-offload with gradient_checkpointing=True: the Trainer's checkpointing keeps "
-                           "checkpoint inputs on the GPU. Select the gradient-checkpointing plugin instead so that "
-                           "they are offloaded.")
+        from hf_lowmem_plugins.checkpointing import NAME as CKPT, args_class_name, trainer_checkpointing
+
+        on, from_default, flag = trainer_checkpointing(ctx.args)
+        if on and not ctx.is_selected(CKPT):  # with the plugin selected, it takes over (or refuses) itself
+            why = f" ({args_class_name(ctx.args)}'s default)" if from_default else ""
+            logger.warning("activation-offload with %s=True%s: the Trainer's checkpointing keeps checkpoint inputs on "
+                           "the GPU. Add gradient-checkpointing to lowmem_offload instead so that they are offloaded.",
+                           flag, why)
 
     def prepare_model(self, ctx, model):
         opts = ctx.options(NAME)
