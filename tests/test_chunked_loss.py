@@ -92,3 +92,53 @@ def test_masked_micro_batches_train_exactly_like_a_plain_trainer(tmp_path, maske
     for n, p in w.items():
         assert torch.isfinite(p).all(), n
         torch.testing.assert_close(p, ref_w[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---- TRL's SFTTrainer -------------------------------------------------------------------------------------------
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(128)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                   pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+def _sft_run(out, **kw):
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_lowmem import lowmem_args_class, lowmem_trainer_class
+
+    # sequences of 6 to 16 tokens: padded batches, so num_tokens counts what the attention mask keeps
+    rows = [{"input_ids": RandomTokens(n=24)[i]["input_ids"][: 6 + (i * 5) % 11].tolist()} for i in range(24)]
+    args = lowmem_args_class(SFTConfig)(
+        output_dir=str(out), max_steps=3, max_length=16, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, gradient_checkpointing=False, lowmem_telemetry=False, **kw)
+    trainer = lowmem_trainer_class(SFTTrainer)(model=tiny_model(), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                               processing_class=_tokenizer())
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sft_trainer_keeps_its_metrics_under_chunked_loss(tmp_path):
+    """Before: entropy, mean_token_accuracy and num_tokens vanished from the logs. Now they equal what SFTTrainer
+    computes itself, step by step, and so does the loss."""
+    ref = _sft_run(tmp_path / "sft")
+    got = _sft_run(tmp_path / "chunked", lowmem_offload=["chunked-loss"],
+                   lowmem_options={"chunked-loss": {"chunk_size": 7}})
+    assert len(got) == len(ref) == 3
+    for a, b in zip(got, ref):
+        assert set(b) >= {"entropy", "mean_token_accuracy", "num_tokens"}
+        assert set(a) >= set(b) - {"epoch"}, sorted(set(b) - set(a))
+        assert a["num_tokens"] == b["num_tokens"]
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert ref[-1]["num_tokens"] > ref[0]["num_tokens"]  # a running count
+
+
+def test_sft_loss_types_other_than_nll_are_refused(tmp_path):
+    with pytest.raises(PluginError, match=r"chunked-loss computes the plain next-token NLL, not SFTConfig's "
+                                          r"loss_type='dft'; set loss_type='nll' or drop chunked-loss"):
+        _sft_run(tmp_path, lowmem_offload=["chunked-loss"], loss_type="dft")
