@@ -1,6 +1,7 @@
 """Print the README's plugin table from the installed plugins (what ``hf-lowmem plugins --json`` reports).
 
-    python examples/plugin_table.py          # paste between the plugin-table markers in README.md
+    python examples/plugin_table.py          # print it
+    python examples/plugin_table.py --write  # write it between the plugin-table markers in README.md
     python examples/plugin_table.py --check  # exit 1 if README.md's table differs
 """
 
@@ -17,19 +18,16 @@ BEGIN, END = "<!-- plugin-table:begin -->", "<!-- plugin-table:end -->"
 
 
 def table() -> str:
-    from hf_lowmem.plugins import load_plugins
-
     out = subprocess.run([str(Path(sys.executable).parent / "hf-lowmem"), "plugins", "--json"], capture_output=True,
                          text=True, check=True).stdout
     rows = [p for p in json.loads(out)["plugins"] if p["distribution"] == "hf-lowmem"]
-    extras = {i.name: i.extra for i in load_plugins().registry}
-    lines = ["| kind | name | lossless | distributed modes | extra | what it does | at your AdamW learning rate "
+    lines = ["| kind | name | lossless | distributed modes | needs | what it does | at your AdamW learning rate "
              "(bench/README-quality.md) |",
              "|---|---|---|---|---|---|---|"]
-    for p in rows:
-        extra = f"`hf-lowmem[{extras[p['name']]}]`" if extras.get(p["name"]) else ""
+    for p in rows:  # "needs": what `hf-lowmem plugins` derives from each plugin's needs_cuda, requires and extra
+        needs = ", ".join(x if x == "CUDA GPU" else f"`{x}`" for x in p["needs"])
         lines.append(f"| {p['kind']} | `{p['name']}` | {'yes' if p['lossless'] else 'no'} | {', '.join(p['modes'])} "
-                     f"| {extra} | {p['help']} | {p.get('lr_advice') or ''} |")
+                     f"| {needs} | {p['help']} | {p.get('lr_advice') or ''} |")
     return "\n".join(lines)
 
 

@@ -73,7 +73,14 @@ def make_plan(a: argparse.Namespace):
         a.gpu_memory = torch.cuda.get_device_properties(0).total_memory
     gpu = parse_size(a.gpu_memory, "--gpu_memory")
     host_b = parse_size(a.host_memory, "--host_memory") if a.host_memory else host_memory_bytes()
-    overrides = {"num_hidden_layers": a.layers} if a.layers else {}
+    if a.layers is not None and a.layers < 1:
+        raise PluginError(f"--layers {a.layers}: the number of decoder layers to plan must be >= 1 (leave it out to "
+                          "plan every layer)")
+    for flag, rate, unit in (("--tflops", a.tflops, "TFLOP/s, e.g. 784"), ("--pcie_gbps", a.pcie_gbps, "GB/s, e.g. 55")):
+        if rate is not None and not (rate > 0 and rate != float("inf")):
+            raise PluginError(f"{flag} {rate:g}: a rate must be a positive number of {unit} (leave it out for the "
+                              "measured H200 rates)")
+    overrides = {"num_hidden_layers": a.layers} if a.layers is not None else {}
     shape = load_model_shape(a.model, **overrides)
     setup = TrainSetup(micro_batch=a.batch_size, seq_len=a.seq_len, grad_accum=a.grad_accum, precision=a.precision,
                        attn_impl=a.attention, device="cuda")

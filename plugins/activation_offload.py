@@ -12,9 +12,14 @@ tensor autograd saves (above ``min_bytes``, and not a parameter) to an offloader
   not measured on a GPU yet). In backward,
   unpacking a tensor starts the host-to-device copies of the tensors backward will need next (up to
   ``prefetch_bytes`` ahead, again on the side stream), so they arrive while the current layer computes.
-* ``target="disk"``: the same, then a writer thread stores the bytes in a file under ``dir`` (default: a
-  temporary directory); backward reads them back ahead of need on a reader thread. For sequences whose
-  activations do not fit in host RAM. Files are deleted when autograd frees the saved tensor.
+* ``target="disk"``: the same, then a writer thread stores the bytes in a file under ``dir`` (default: the
+  system's temporary directory); backward reads them back ahead of need on a reader thread. For sequences
+  whose activations do not fit in host RAM. Files are deleted when autograd frees the saved tensor. They
+  live in a private folder that :func:`hf_lowmem.signals.make_temp_dir` makes under ``dir`` (mode 0700, an
+  unpredictable name, an owner marker), are created ``O_EXCL | O_NOFOLLOW`` with mode 0600, and the folder
+  is removed when training ends, when a signal stops the run, at exit, or, after a SIGKILL, by the next run
+  that offloads to the same ``dir``. A full disk is one :class:`~hf_lowmem.errors.PluginError` line naming
+  the folder.
 
 The newest saved tensors of each forward (``keep_bytes``, default ``prefetch_bytes``) are not offloaded:
 backward needs them first, right after the loss, so their round trip could not be hidden behind compute
@@ -37,12 +42,11 @@ unpack in backward, for two targets; its pieces share its bookkeeping and would 
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
 import logging
 import os
-import shutil
+import secrets
 import tempfile
 import threading
 import weakref
@@ -52,6 +56,8 @@ from dataclasses import dataclass
 from hf_lowmem import Plugin, hookimpl
 from hf_lowmem.anatomy import decoder, unwrap
 from hf_lowmem.errors import PluginError
+from hf_lowmem_plugins.activation_files import (disk_hint, make_private_dir, read_file, remove_private_dir,
+                                                schedule_remove, write_file)
 
 logger = logging.getLogger("hf_lowmem")
 
@@ -63,7 +69,8 @@ TARGETS = ("cpu", "disk")
 class ActivationOffloadOptions:
     #: "cpu" (pinned host memory) or "disk" (files under `dir`)
     target: str = "cpu"
-    #: directory for target="disk" (default: a temporary directory, removed at exit)
+    #: directory for target="disk" (default: the system's temporary directory); the files go into a private
+    #: folder made there for the run and removed after it
     dir: str | None = None
     #: saved tensors smaller than this stay where they are
     min_bytes: int = 1 << 20
@@ -138,41 +145,6 @@ def _empty_like_layout(t_or_h, device=None, pin=False):
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
 
 
-def _write_file(path, host_u8):
-    with open(path, "wb") as f:
-        f.write(memoryview(host_u8.numpy()))
-
-
-def _read_file(path, nbytes, pin):
-    import torch
-
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    with open(path, "rb") as f:
-        n = f.readinto(memoryview(buf.numpy()))
-    if n != nbytes:
-        raise RuntimeError(f"activation-offload: {path} holds {n} bytes, expected {nbytes}")
-    return buf
-
-
-def _schedule_remove(pool, written, path):
-    try:
-        pool.submit(_remove_after, written, path)
-    except RuntimeError:  # the pool is shut down (interpreter exit): remove now
-        _remove_after(written, path)
-
-
-def _remove_after(written, path):
-    try:
-        if written is not None:
-            written.result()
-    except Exception:  # noqa: BLE001 - a failed write leaves nothing to remove or an unreadable file
-        pass
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 class ActivationOffloader:
     """Pack/unpack hooks that move saved tensors to pinned host memory or files, with prefetch.
 
@@ -184,7 +156,10 @@ class ActivationOffloader:
         self.target, self.min_bytes, self.prefetch_bytes = target, int(min_bytes), int(prefetch_bytes)
         self.keep_bytes = self.prefetch_bytes if keep_bytes is None else int(keep_bytes)
         self.max_pending_bytes = int(max_pending_bytes)
-        self._dir, self._own_dir = dir, False
+        self._parent = dir
+        self._dir = None  # the private folder under _parent, made on first use
+        self._dir_finalizer = None
+        self._token = secrets.token_hex(4)
         self._stream = None
         self._pending = collections.deque()  # (event, gpu tensor) kept alive until their device-to-host copy is done
         self._pending_bytes = 0
@@ -197,6 +172,7 @@ class ActivationOffloader:
         self._inflight = 0          # bytes prefetched and not consumed yet
         self._counter = itertools.count()
         self._writer = self._reader = None
+        self._last_write = None  # the newest write's future: a failed one stops the forward that follows
         self._lock = threading.Lock()
         self.stats = {"packed": 0, "packed_bytes": 0, "kept": 0, "offloaded": 0, "offloaded_bytes": 0,
                       "resident": 0, "prefetched": 0, "sync_fetches": 0, "shared_unpacks": 0, "throttled": 0}
@@ -228,12 +204,23 @@ class ActivationOffloader:
 
     @property
     def directory(self):
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="hf-lowmem-activations-")
-            self._own_dir = True
-            atexit.register(shutil.rmtree, self._dir, ignore_errors=True)
-        os.makedirs(self._dir, exist_ok=True)
+        """The private folder the files go to (made under ``dir`` on first use, again if it was removed)."""
+        if self._dir is None or not os.path.isdir(self._dir):
+            self._dir = make_private_dir(self._parent or tempfile.gettempdir())
+            self._dir_finalizer = weakref.finalize(self, remove_private_dir, self._dir)
         return self._dir
+
+    def close(self):
+        """Wait for the writer, then remove the private folder (files still in it belong to no live tensor
+        once training has ended). Offloading again makes a new folder."""
+        if self._writer is not None:
+            try:
+                self._writer.submit(lambda: None).result()  # one worker: every earlier write and removal is done
+            except RuntimeError:  # already shut down
+                pass
+        if self._dir_finalizer is not None:
+            self._dir_finalizer()  # removes the folder and forgets its cleanup
+        self._dir = self._dir_finalizer = None
 
     # -- helpers --
     def _side_stream(self, device):
@@ -339,9 +326,12 @@ class ActivationOffloader:
             host = _empty_like_layout(t) if _dense(t) else torch.empty(t.shape, dtype=t.dtype)
             host.copy_(t)
         if self.target == "disk":
-            h.path = os.path.join(self.directory, f"{os.getpid()}-{next(self._counter)}.bin")
-            h.written = self._writer_pool().submit(self._write, h.d2h, host, h.path)
-            weakref.finalize(h, _schedule_remove, self._writer_pool(), h.written, h.path)
+            last = self._last_write
+            if last is not None and last.done() and last.exception() is not None:  # a full disk: stop in forward
+                raise self._disk_error(last.exception(), self._dir)
+            h.path = os.path.join(self.directory, f"{self._token}-{next(self._counter)}.bin")
+            h.written = self._last_write = self._writer_pool().submit(self._write, h.d2h, host, h.path)
+            weakref.finalize(h, schedule_remove, self._writer_pool(), h.written, h.path)
         else:
             h.host = host
         h.resident = None
@@ -352,7 +342,7 @@ class ActivationOffloader:
     def _write(event, host, path):
         if event is not None:
             event.synchronize()
-        _write_file(path, host.contiguous().reshape(-1).view(__import__("torch").uint8))
+        write_file(path, host.contiguous().reshape(-1).view(__import__("torch").uint8))
 
     def _writer_pool(self):
         with self._lock:
@@ -376,8 +366,18 @@ class ActivationOffloader:
         return h.read.result()
 
     def _read(self, h):
-        h.written.result()
-        return _read_file(h.path, h.nbytes, pin=h.device.type == "cuda")
+        try:
+            h.written.result()
+            return read_file(h.path, h.nbytes, pin=h.device.type == "cuda")
+        except OSError as e:  # most often a full disk, which the writer met in forward
+            raise self._disk_error(e, os.path.dirname(h.path)) from None
+
+    @staticmethod
+    def _disk_error(exc, folder) -> PluginError:
+        from hf_lowmem.checkpoint import describe_write_error
+
+        return PluginError(f"activation-offload: saved activations could not be written to or read back from "
+                           f"{folder!r}: {describe_write_error(exc, folder)}; {disk_hint()}")
 
     def _materialize(self, h, host, out):
         if self.target == "disk":
@@ -508,14 +508,22 @@ class ActivationOffload(Plugin):
         opts = ctx.options(NAME)
         if opts.target == "disk":
             d = opts.dir or tempfile.gettempdir()
-            os.makedirs(d, exist_ok=True)
-            if not os.access(d, os.W_OK):
-                raise PluginError(f"activation-offload: directory {d!r} is not writable; set lowmem_options "
-                                  '{"activation-offload": {"target": "disk", "dir": "/a/writable/path"}}')
-        if getattr(ctx.args, "gradient_checkpointing", False):
-            logger.warning("activation-offload with gradient_checkpointing=True: the Trainer's checkpointing keeps "
-                           "checkpoint inputs on the GPU. Select the gradient-checkpointing plugin instead so that "
-                           "they are offloaded.")
+            fix = ('set lowmem_options={"activation-offload": {"target": "disk", "dir": "/a/writable/path"}}')
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:  # a file in the way, no permission, a read-only file system, ...
+                raise PluginError(f"activation-offload: cannot create the directory {d!r} ({e.strerror or e}); "
+                                  f"{fix}") from None
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise PluginError(f"activation-offload: directory {d!r} is not writable; {fix}")
+        from hf_lowmem_plugins.checkpointing import NAME as CKPT, args_class_name, trainer_checkpointing
+
+        on, from_default, flag = trainer_checkpointing(ctx.args)
+        if on and not ctx.is_selected(CKPT):  # with the plugin selected, it takes over (or refuses) itself
+            why = f" ({args_class_name(ctx.args)}'s default)" if from_default else ""
+            logger.warning("activation-offload with %s=True%s: the Trainer's checkpointing keeps checkpoint inputs on "
+                           "the GPU. Add gradient-checkpointing to lowmem_offload instead so that they are offloaded.",
+                           flag, why)
 
     def prepare_model(self, ctx, model):
         opts = ctx.options(NAME)
@@ -525,6 +533,19 @@ class ActivationOffload(Plugin):
         ctx.state[NAME] = {"offloader": off, "hooks": handles}
         logger.info("activation-offload: saved activations of the decoder go to %s", opts.target)
         return None
+
+    def callbacks(self, ctx):
+        if ctx.options(NAME).target != "disk":
+            return []
+        from transformers import TrainerCallback
+
+        class CloseFolder(TrainerCallback):  # its files are gone once training ends: remove their folder
+            def on_train_end(self, args, state, control, **kwargs):
+                off = ctx.state.get(NAME, {}).get("offloader")
+                if off is not None:
+                    off.close()
+
+        return [CloseFolder()]
 
     def memory_model(self, plan, st):
         opts = self.options_for(plan)

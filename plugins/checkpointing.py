@@ -13,6 +13,12 @@ With a plugin that moves saved tensors through saved-tensor hooks (one that prov
 instead, because that one saves the layer's input through ``ctx.save_for_backward``: those hooks then move
 exactly the checkpoint inputs (one hidden state per layer) to host memory, which is the combination that
 pays off. Same arithmetic either way: the losses equal plain training.
+
+The Trainer's own checkpointing (``gradient_checkpointing=True``; ``activation_checkpointing=True`` in
+transformers 5, where ``gradient_checkpointing`` is its alias) would checkpoint the same layers a second time.
+When it is on only because the arguments' class turns it on by default (TRL's ``SFTConfig`` does), the
+plugin takes over: it turns the Trainer's off for the run and says so once (info). When the user turned it
+on, the run is refused with the argument to change.
 """
 
 from __future__ import annotations
@@ -97,19 +103,51 @@ def remove_checkpointing(layer) -> None:
     layer.__dict__.pop("_hf_lowmem_reentrant", None)
 
 
+_TRAINER_FLAGS = ("activation_checkpointing", "gradient_checkpointing")  # transformers 5's name first, then its alias
+
+
+def trainer_checkpointing(args) -> tuple[bool, bool, str]:
+    """Whether the Trainer's own checkpointing is on in ``args``, whether only because their class turns it
+    on by default (TRL's ``SFTConfig``: ``gradient_checkpointing=True``), and its name in the user's terms:
+    ``"activation_checkpointing"`` where transformers has that argument, else ``"gradient_checkpointing"``."""
+    import dataclasses
+
+    flags = [f for f in _TRAINER_FLAGS if hasattr(args, f)]
+    on = any(bool(getattr(args, f)) for f in flags)
+    fields = {f.name: f for f in dataclasses.fields(args)} if dataclasses.is_dataclass(args) else {}
+    from_default = on and any(f in fields and fields[f].default is True for f in flags)
+    return on, from_default, (flags[0] if flags else "gradient_checkpointing")
+
+
+def args_class_name(args) -> str:
+    """The user's arguments class (``SFTConfig``, not the upgraded ``LowMemSFTConfig``)."""
+    name = type(args).__name__
+    return name[len("LowMem"):] if name.startswith("LowMem") and len(name) > 6 else name
+
+
 class GradientCheckpointing(Plugin):
     name, kind, options, lossless = NAME, "offload", CheckpointingOptions, True
     help = "activation (gradient) checkpointing of every n-th decoder layer, non-reentrant, on the model instance"
 
     def validate(self, ctx):
-        if getattr(ctx.args, "gradient_checkpointing", False):
+        on, from_default, _ = trainer_checkpointing(ctx.args)
+        if on and not from_default:
+            flags = [f for f in reversed(_TRAINER_FLAGS) if hasattr(ctx.args, f)]  # the older name first
             raise PluginError(
-                "gradient_checkpointing=True and the gradient-checkpointing plugin would both checkpoint the layers. "
-                "Drop gradient_checkpointing=True (the plugin does the same, adds every_n and composes with "
-                "activation-offload), or drop the plugin."
+                f"{' / '.join(f + '=True' for f in flags)} turns on the Trainer's own checkpointing, and the "
+                "gradient-checkpointing plugin would checkpoint the same layers again: set "
+                f"{' or '.join(f + '=False' for f in flags)} (--{flags[0]} false) and keep the plugin (it adds every_n "
+                "and composes with activation-offload), or drop gradient-checkpointing from lowmem_offload."
             )
 
     def prepare_model(self, ctx, model):
+        on, from_default, flag = trainer_checkpointing(ctx.args)
+        if on and from_default:  # TRL's SFTConfig default: the user never asked for it; the plugin takes over
+            for f in _TRAINER_FLAGS:
+                if hasattr(ctx.args, f):
+                    setattr(ctx.args, f, False)
+            logger.info("gradient-checkpointing: %s turns on %s by default; the plugin checkpoints the layers instead "
+                        "(the Trainer's own checkpointing is off for this run)", args_class_name(ctx.args), flag)
         opts = ctx.options(NAME)
         reentrant = ctx.provides("saved-tensor-hooks")
         chosen = apply_checkpointing(model, opts.every_n, reentrant=reentrant)

@@ -26,6 +26,12 @@ attention on CUDA the SDPA math kernel, which materialises a (batch x heads x se
 (no fused CUDA kernel takes fp32 with grouped KV heads).
 
 Single-process only: it calls the decoder directly, which would bypass a DDP/FSDP wrapper's forward.
+
+Under TRL's ``SFTTrainer`` (``SFTConfig`` arguments) the plugin replaces SFTTrainer's own loss, so it also
+computes what SFTTrainer logs from it, from the chunks' logits (the full logits still never exist): the
+mean ``entropy`` of the predicted distribution and ``mean_token_accuracy`` over the tokens with a label, and
+the running ``num_tokens``, averaged over each logging interval as SFTTrainer does. An ``SFTConfig`` whose
+``loss_type`` is not ``"nll"`` is refused (the plugin computes the NLL only).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ def _make_function():
         """sum over valid tokens of CE(post(h @ W.T + b), label) / denom, one chunk of rows at a time."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, bias, labels, denom, chunk_size, post):
+        def forward(ctx, hidden, weight, bias, labels, denom, chunk_size, post, stats=None):
             dev = hidden.device.type
             ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -67,6 +73,8 @@ def _make_function():
                 lab = labels[s:s + chunk_size]
                 logits = post(F.linear(hidden[s:s + chunk_size], weight, bias).float())
                 total = total + F.cross_entropy(logits, lab, ignore_index=IGNORE_INDEX, reduction="sum")
+                if stats is not None:
+                    stats.add(logits, lab)
             ctx.save_for_backward(hidden, weight, bias, labels, denom)
             ctx.chunk_size, ctx.post = chunk_size, post
             return total / denom
@@ -99,7 +107,9 @@ def _make_function():
                     g = torch.softmax(post_logits.detach(), dim=-1)
                     vf = valid.to(g.dtype).unsqueeze(1)
                     g.scatter_add_(1, lab.clamp_min(0).unsqueeze(1), -vf)
-                    g.mul_(vf * scale)
+                    # rows without a label get exactly 0, as cross_entropy's own backward gives them, even when
+                    # the scale is inf (a window without any label: the loss is 0/0 there too)
+                    g.mul_(scale).masked_fill_(~valid.unsqueeze(1), 0.0)
                 if ctx.post is not _identity:  # chain rule through soft-capping / scaling
                     (g,) = torch.autograd.grad(post_logits, logits, g)
                 g_raw = g.to(raw.dtype)
@@ -113,7 +123,7 @@ def _make_function():
                     if want_b:
                         grad_b.add_(g_raw.float().sum(0))
             return (grad_h, grad_w.to(weight.dtype) if want_w else None,
-                    grad_b.to(bias.dtype) if want_b else None, None, None, None, None)
+                    grad_b.to(bias.dtype) if want_b else None, None, None, None, None, None)
 
     return ChunkedLinearCrossEntropy
 
@@ -133,14 +143,36 @@ def _identity(x):
 _FN = None
 
 
-def chunked_linear_cross_entropy(hidden, weight, bias, labels, denom, chunk_size: int = 1024, post=None):
+class TokenStats:
+    """What TRL's ``SFTTrainer`` logs besides the loss, gathered chunk by chunk from the logits the loss
+    computes anyway: over the tokens with a label, the summed entropy of the predicted distribution and the
+    number whose most likely token is the label."""
+
+    def __init__(self):
+        self.tokens, self.entropy, self.correct = 0, 0.0, 0
+
+    def add(self, logits, labels) -> None:
+        import torch
+
+        with torch.no_grad():
+            valid = labels != IGNORE_INDEX
+            if not bool(valid.any()):
+                return
+            lg = logits.detach()[valid].float()
+            logp = torch.log_softmax(lg, dim=-1)
+            self.entropy += float(-(logp.exp() * logp).sum())
+            self.correct += int((lg.argmax(-1) == labels[valid]).sum())
+            self.tokens += int(valid.sum())
+
+
+def chunked_linear_cross_entropy(hidden, weight, bias, labels, denom, chunk_size: int = 1024, post=None, stats=None):
     """``sum CE(post(hidden @ weight.T + bias), labels) / denom`` over rows with a label != -100, computed
     ``chunk_size`` rows at a time; backward recomputes each chunk. ``hidden`` is (N, H), ``labels`` (N,),
-    ``denom`` a scalar tensor."""
+    ``denom`` a scalar tensor. ``stats``: a :class:`TokenStats` to add each chunk's entropy and accuracy to."""
     global _FN
     if _FN is None:
         _FN = _make_function()
-    return _FN.apply(hidden, weight, bias, labels, denom, chunk_size, post or _identity)
+    return _FN.apply(hidden, weight, bias, labels, denom, chunk_size, post or _identity, stats)
 
 
 def _logit_post(config):
@@ -175,22 +207,23 @@ def _autocast_region(device_type: str, dtype):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024, autocast_dtype=None):
+def causal_lm_chunked_loss(model, inputs: dict, num_items_in_batch=None, chunk_size: int = 1024, autocast_dtype=None,
+                           stats: TokenStats | None = None):
     """The loss ``model(**inputs).loss`` would give, computed without the full logits.
 
     ``autocast_dtype``: run the decoder and the loss under ``torch.autocast`` of this dtype, as the Trainer's
     mixed precision runs ``model.forward`` (the decoder is called directly here, outside that wrapper);
-    ``None``: as called (nothing added)."""
+    ``None``: as called (nothing added). ``stats``: a :class:`TokenStats` that the chunks add to."""
     import torch
 
     model = unwrap(model)
     device_type = inputs["input_ids"].device.type if torch.is_tensor(inputs.get("input_ids")) else \
         next(model.parameters()).device.type
     with _autocast_region(device_type, autocast_dtype):
-        return _chunked_loss(model, inputs, num_items_in_batch, chunk_size)
+        return _chunked_loss(model, inputs, num_items_in_batch, chunk_size, stats)
 
 
-def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int):
+def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int, stats=None):
     import torch
 
     head, base = lm_head(model), decoder(model)
@@ -215,11 +248,11 @@ def _chunked_loss(model, inputs: dict, num_items_in_batch, chunk_size: int):
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(torch.float32)
     post = _logit_post(model.config)
     if type(head) is torch.nn.Linear:
-        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, shift_labels, denom, chunk_size, post)
-    return chunked_module_cross_entropy(head, hidden, shift_labels, denom, chunk_size, post)
+        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, shift_labels, denom, chunk_size, post, stats)
+    return chunked_module_cross_entropy(head, hidden, shift_labels, denom, chunk_size, post, stats)
 
 
-def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 1024, post=None):
+def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 1024, post=None, stats=None):
     """The same loss for any head module (a quantized Linear, say): each chunk runs under non-reentrant
     ``torch.utils.checkpoint``, so its logits are freed after forward and recomputed in backward."""
     import torch
@@ -233,23 +266,118 @@ def chunked_module_cross_entropy(head, hidden, labels, denom, chunk_size: int = 
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], chunk_size):
-        total = total + checkpoint(chunk_loss, hidden[s:s + chunk_size], labels[s:s + chunk_size], use_reentrant=False)
+        h, lab = hidden[s:s + chunk_size], labels[s:s + chunk_size]
+        total = total + checkpoint(chunk_loss, h, lab, use_reentrant=False)
+        if stats is not None:  # once more without autograd: the checkpointed chunk keeps no logits
+            with torch.no_grad():
+                stats.add(post(head(h.detach()).float()), lab)
     return total / denom
+
+
+def not_causal_lm(model) -> str | None:
+    """Why ``model`` is not a causal LM whose loss this plugin computes (labels shifted by one, every position
+    predicting the next token), or ``None`` when it is one. An encoder-decoder model (T5, BART) computes its
+    loss on the decoder's output for the decoder's own inputs, a masked LM (BERT) on unshifted labels: the
+    chunked loss would silently be another loss there (T5: 19.9 instead of 5.3 at the first step)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = unwrap(model)
+    if callable(getattr(base, "get_base_model", None)):  # a PEFT wrapper
+        base = base.get_base_model()
+    cfg = getattr(base, "config", None)
+    name = type(base).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder model (its loss is over the decoder's outputs, not shifted inputs)"
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if name in causal or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    if name.endswith("ForMaskedLM"):
+        return f"{name} is a masked LM (its labels are not shifted: each position predicts itself)"
+    return f"{name} is not a causal LM (a *ForCausalLM model)"
+
+
+#: what TRL's SFTTrainer logs from its own loss computation, which chunked-loss replaces: it logs them itself
+SFT_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
+
+
+def _is_sft(args) -> bool:
+    """Whether these are TRL ``SFTConfig`` arguments (upgraded ones included)."""
+    return any(c.__name__ == "SFTConfig" for c in type(args).__mro__)
+
+
+def _tokens_in(inputs: dict) -> int:
+    """Tokens of a micro-batch as SFTTrainer counts them for ``num_tokens`` (padding excluded)."""
+    if inputs.get("attention_mask") is not None:
+        return int(inputs["attention_mask"].sum())
+    if inputs.get("position_ids") is not None:
+        return int(inputs["position_ids"].size(1))
+    return int(inputs["input_ids"].numel())
+
+
+def _sft_metrics_callback(ctx):
+    """Adds SFTTrainer's training metrics, averaged over the micro-batches since the previous log as SFTTrainer
+    averages them, to each training log (and to the entry the Trainer has just put in ``log_history``)."""
+    from transformers import TrainerCallback
+
+    class SFTMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            slot = ctx.state.get(NAME)
+            if not logs or "loss" not in logs or slot is None:
+                return
+            new = {}
+            for key in ("entropy", "mean_token_accuracy"):
+                if slot[key] and key not in logs:
+                    new[key] = sum(slot[key]) / len(slot[key])
+                slot[key].clear()
+            if "num_tokens" not in logs:
+                new["num_tokens"] = float(slot["num_tokens"])
+            logs.update(new)
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == state.global_step and "loss" in last:
+                last.update({k: v for k, v in new.items() if k not in last})
+
+    return SFTMetrics()
 
 
 class ChunkedLoss(Plugin):
     name, kind, options, lossless, modes = NAME, "offload", ChunkedLossOptions, True, ("single",)
     help = ("causal-LM loss computed in token chunks (LM head + cross-entropy, recomputed in backward): "
             "the full logits are never materialised")
+    incompatible = {"stream": "redundant: the stream engine computes the loss in token chunks itself (its option "
+                              "loss_chunk_tokens) and would never call chunked-loss; drop chunked-loss"}
 
     def validate(self, ctx):
         if getattr(ctx.args, "label_smoothing_factor", 0.0):
             raise PluginError("chunked-loss computes the plain cross-entropy; it cannot apply label_smoothing_factor="
                               f"{ctx.args.label_smoothing_factor}. Set label_smoothing_factor=0 or drop chunked-loss.")
+        loss_type = getattr(ctx.args, "loss_type", None)
+        if _is_sft(ctx.args) and loss_type not in (None, "nll"):
+            raise PluginError(f"chunked-loss computes the plain next-token NLL, not SFTConfig's loss_type={loss_type!r}; "
+                              "set loss_type='nll' or drop chunked-loss.")
+
+    def callbacks(self, ctx):
+        if not _is_sft(ctx.args):
+            return []
+        ctx.state[NAME] = {"entropy": [], "mean_token_accuracy": [], "num_tokens": 0}
+        return [_sft_metrics_callback(ctx)]
+
+    def prepare_model(self, ctx, model):
+        why = not_causal_lm(model)
+        if why is not None:
+            raise PluginError(f"chunked-loss computes the causal-LM loss (labels shifted by one) and {why}: it would "
+                              "train on a wrong loss. Drop chunked-loss from lowmem_offload for this model.")
+        return None
 
     def compute_loss(self, ctx, model, inputs, num_items_in_batch):
-        return causal_lm_chunked_loss(model, inputs, num_items_in_batch, ctx.options(NAME).chunk_size,
-                                      autocast_dtype=mixed_precision_dtype(ctx.args))
+        slot = ctx.state.get(NAME)  # under TRL's SFTTrainer: the metrics its own loss would have logged
+        stats = TokenStats() if slot is not None and model.training else None
+        loss = causal_lm_chunked_loss(model, inputs, num_items_in_batch, ctx.options(NAME).chunk_size,
+                                      autocast_dtype=mixed_precision_dtype(ctx.args), stats=stats)
+        if stats is not None:
+            slot["entropy"].append(stats.entropy / stats.tokens if stats.tokens else 0.0)
+            slot["mean_token_accuracy"].append(stats.correct / stats.tokens if stats.tokens else 0.0)
+            slot["num_tokens"] += _tokens_in(inputs)
+        return loss
 
     def memory_model(self, plan, st):
         """Forward keeps per-chunk loss sums (one chunk's logits, their fp32 copy and log-softmax at a time);

@@ -233,9 +233,11 @@ class GaLorePlugin(Plugin):
         if layerwise:
             help_ += "; updated layer by layer inside backward (works with accumulation, clipping, DDP)"
         eight = "8bit" in name
-        super().__init__(name=name, help=help_, requires=("galore_torch", "bitsandbytes") if eight else ("galore_torch",),
-                         needs_cuda=eight, quality_gap=EVIDENCE["auto"].gap_pct,
-                         lr_advice=advice(EVIDENCE["auto"], name))
+        # bitsandbytes first: galore_torch imports it, so a missing one would otherwise be reported as galore_torch;
+        # the extras named are the two that install both
+        super().__init__(name=name, help=help_, requires=("bitsandbytes", "galore_torch") if eight else ("galore_torch",),
+                         extra="galore,bnb" if eight else "galore", needs_cuda=eight,
+                         quality_gap=EVIDENCE["auto"].gap_pct, lr_advice=advice(EVIDENCE["auto"], name))
         self.cls_name, self.layerwise = cls_name, layerwise
 
     def validate(self, ctx):
@@ -385,12 +387,12 @@ def make_projectors(targets, opts: GaLoreOptions) -> dict:
     """One :class:`GaLoreProjector` per target weight, with staggered refresh offsets."""
     n = len(targets)
     out = {}
-    for i, (_, m) in enumerate(targets):
+    for i, (name, m) in enumerate(targets):
         offset = (i * opts.update_proj_gap) // n if opts.stagger else 0
         out[m.weight] = GaLoreProjector(opts.rank, opts.update_proj_gap, matrix_scale(m.weight.shape, opts),
                                         opts.proj_type, opts.proj_method,
                                         opts.init_proj_method, offset=offset, oversample=opts.oversample,
-                                        power_iters=opts.power_iters, seed=opts.seed, index=i)
+                                        power_iters=opts.power_iters, seed=opts.seed, index=i, name=f"{name}.weight")
     return out
 
 

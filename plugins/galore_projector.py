@@ -24,7 +24,9 @@ class GaLoreProjector:
     """
 
     def __init__(self, rank: int, gap: int, scale: float, proj_type: str, method: str, init_method: str,
-                 offset: int = 0, oversample: int = 8, power_iters: int = 2, seed: int = 0, index: int = 0):
+                 offset: int = 0, oversample: int = 8, power_iters: int = 2, seed: int = 0, index: int = 0,
+                 name: str = ""):
+        self.name = name  # the parameter's name, for messages
         self.rank, self.gap, self.scale, self.proj_type = rank, gap, float(scale), proj_type
         self.method, self.init_method = method, init_method
         self.offset, self.oversample, self.power_iters, self.seed, self.index = offset, oversample, power_iters, seed, index
@@ -79,6 +81,15 @@ class GaLoreProjector:
         return self.proj_type
 
     def refresh(self, g) -> None:
+        import torch
+
+        if not bool(torch.isfinite(g).all()):  # the SVD / eigh would fail with a LinAlgError naming nothing
+            from hf_lowmem.errors import PluginError
+
+            what = getattr(self, "name", "") or f"GaLore target matrix {self.index}"
+            raise PluginError(f"GaLore: the gradient of {what} is not finite (NaN or inf) at optimizer step "
+                              f"{self.t + 1}, so no projection can be computed from it; lower the learning rate, "
+                              "check the data and the model's weights for NaN/inf")
         method = effective_method(self.init_method if self.basis is None else self.method, self.rank, g.shape,
                                   self.oversample)
         self.side = self._side_for(g.shape)

@@ -28,6 +28,9 @@ Saving restores the original precision: the plugin's ``before_save`` replaces ``
 ``<name>.weight_scale`` with ``<name>.weight`` in the original dtype, so a saved folder is a standard
 transformers checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Loading such a state dict
 into a converted model re-quantizes it (round to nearest). Lossy (int8 storage): ``lossless=False``.
+The stochastic-rounding generator is registered with :func:`hf_lowmem.checkpoint.register_rng`: checkpoints
+hold its state and a resumed run continues its stream, so resuming gives the losses and weights of an
+uninterrupted run.
 
 (Over 400 lines: the quantization arithmetic, the module that stores its weight in int8 (autograd function,
 moves, state dict), the layer-by-layer optimizer step and the plugin belong together; each part is small.)
@@ -410,6 +413,8 @@ def wrap_optimizer(optimizer, model, master_dtype: str = "float32", generator=No
 def _callback(ctx):
     from transformers import TrainerCallback
 
+    from hf_lowmem.checkpoint import register_rng
+
     class Int8WeightsCallback(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
             import torch
@@ -421,6 +426,9 @@ def _callback(ctx):
             device = mods[0][1].weight_int8.device if mods else torch.device("cpu")
             gen = torch.Generator(device=device)
             gen.manual_seed(int(opts.seed if opts.seed is not None else args.seed) + 8128)
+            # saved in every checkpoint and restored on resume (the resumed state replaces the seed's), so that a
+            # resumed run rounds exactly as an uninterrupted one
+            register_rng(ctx, NAME, gen)
             wrap_optimizer(optimizer, model, opts.master_dtype, gen)
             ctx.state.setdefault(NAME, {})["generator"] = gen
 

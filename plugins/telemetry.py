@@ -28,10 +28,13 @@ Because hf-lowmem's plugin callbacks run before the Trainer's own ones, the keys
 a summary is printed (and kept in ``ctx.state["telemetry"]``), with the planner's prediction beside the
 measurement when ``lowmem_gpu_memory`` chose the plan.
 
-``lowmem_plot="path.png"`` (``"auto"``: ``OUTPUT_DIR/lowmem_telemetry.png``) writes a PNG of memory and
-throughput over the run; it needs the ``plot`` extra (matplotlib). A field rather than an environment
-variable, because it belongs to the run like ``output_dir``, shows in ``--help`` and is checked at
-construction (a missing matplotlib fails before training, not after it).
+``lowmem_plot="path.png"`` (``"auto"``: ``OUTPUT_DIR/lowmem_telemetry.png``) writes a PNG of the loss (and
+the eval loss), memory and throughput over the run, each y axis fitted to its lines; it needs the ``plot``
+extra (matplotlib). A field rather than an environment variable, because it belongs to the run like
+``output_dir``, shows in ``--help`` and is checked at construction (a missing matplotlib fails before
+training, not after it).
+
+(Over 400 lines: the callback, its end-of-run summary and its plot read the same samples and belong together.)
 """
 
 from __future__ import annotations
@@ -122,6 +125,8 @@ class TelemetryMixin:
         self.plot = plot
         self.samples: list[dict] = []  # per optimizer step: memory now
         self.points: list[dict] = []  # per log: throughput
+        self.losses: list[tuple[int, float]] = []  # (step, training loss) per training log
+        self.eval_losses: list[tuple[int, float]] = []  # (step, eval loss) per evaluation
         self.summary: dict | None = None
         self._reset_run()
 
@@ -171,6 +176,7 @@ class TelemetryMixin:
 
         self._reset_run()
         self.samples, self.points, self.summary = [], [], None
+        self.losses, self.eval_losses = [], []
         dev = getattr(args, "device", None)
         self.cuda = torch.cuda.is_available() and dev is not None and torch.device(dev).type == "cuda"
         if self.cuda:
@@ -227,7 +233,12 @@ class TelemetryMixin:
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not ("loss" in logs or "train_runtime" in logs):
+        if logs is None:
+            return
+        for key, series in (("loss", self.losses), ("eval_loss", self.eval_losses)):
+            if isinstance(logs.get(key), (int, float)):
+                series.append((state.global_step, float(logs[key])))
+        if not ("loss" in logs or "train_runtime" in logs):
             return
         final = "train_runtime" in logs
         if final:  # the whole run
@@ -304,40 +315,76 @@ class TelemetryMixin:
                          f"{plan['host_total_gib']:.1f} GiB host")
         return "\n".join(lines)
 
-    def write_plot(self, path: str) -> None:
-        """A PNG: memory over the run (top), throughput and MFU per log (bottom)."""
+    def write_plot(self, path: str):
+        """Write the PNG of :meth:`figure` to ``path``; returns the figure (its lines hold the data drawn)."""
+        fig = self.figure()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        return fig
+
+    def figure(self):
+        """Three panels over the optimizer steps: the training loss (and the eval loss, when the run evaluates),
+        memory (host RSS; on a GPU allocated, peak allocated and reserved), and throughput (tokens/s, MFU on a
+        twin axis). Every y axis is fitted to all of its lines with headroom, so no line runs along an edge."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(9, 6.5))
+        fig = Figure(figsize=(9, 9))
         FigureCanvasAgg(fig)
-        ax1, ax2 = fig.subplots(2, 1, sharex=True)
+        ax_loss, ax_mem, ax_tput = fig.subplots(3, 1, sharex=True)
+        ax_loss.set_title("hf-lowmem telemetry")
+
+        def line(ax, xy, label, **kw):
+            if xy:
+                xs, ys = zip(*xy)
+                ax.plot(xs, ys, label=label, marker=kw.pop("marker", "o" if len(xy) <= 30 else None), **kw)
+
+        line(ax_loss, self.losses, "training loss")
+        line(ax_loss, self.eval_losses, "eval loss", linestyle="--", marker="s")
+        ax_loss.set_ylabel("loss")
+        _fit(ax_loss, from_zero=False)
+        if not (self.losses or self.eval_losses):
+            ax_loss.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax_loss.transAxes)
+
         steps = [x["step"] for x in self.samples]
         if self.samples and "alloc" in self.samples[0]:
-            ax1.plot(steps, [x["alloc"] / GiB for x in self.samples], label="GPU allocated (step end)")
-            ax1.plot(steps, [x["peak_alloc"] / GiB for x in self.samples], label="GPU peak allocated")
-            ax1.plot(steps, [x["reserved"] / GiB for x in self.samples], label="GPU reserved", linestyle="--")
-        ax1.plot(steps, [x["rss"] / GiB for x in self.samples], label="host RSS")
-        ax1.set_ylabel("GiB")
-        ax1.set_ylim(bottom=0)
-        ax1.ticklabel_format(axis="y", useOffset=False)
-        ax1.set_title("hf-lowmem telemetry")
-        ax1.legend(loc="best", fontsize=8)
-        ax1.grid(alpha=0.3)
+            line(ax_mem, list(zip(steps, [x["alloc"] / GiB for x in self.samples])), "GPU allocated (step end)")
+            line(ax_mem, list(zip(steps, [x["peak_alloc"] / GiB for x in self.samples])), "GPU peak allocated")
+            line(ax_mem, list(zip(steps, [x["reserved"] / GiB for x in self.samples])), "GPU reserved", linestyle="--")
+        line(ax_mem, list(zip(steps, [x["rss"] / GiB for x in self.samples])), "host RSS")
+        ax_mem.set_ylabel("GiB")
+        ax_mem.ticklabel_format(axis="y", useOffset=False)
+        _fit(ax_mem, from_zero=True)
+
         pts = [p for p in self.points if PREFIX + "tokens_per_s" in p]
-        if pts:
-            ax2.plot([p["step"] for p in pts], [p[PREFIX + "tokens_per_s"] for p in pts], marker="o", label="tokens/s")
-            ax2.set_ylabel("tokens/s")
-            ax2.set_ylim(bottom=0)
-            if any(PREFIX + "mfu" in p for p in pts):
-                ax3 = ax2.twinx()
-                ax3.plot([p["step"] for p in pts], [100 * p.get(PREFIX + "mfu", 0) for p in pts], color="tab:red",
-                         linestyle=":", label="MFU %")
-                ax3.set_ylabel("MFU %")
-        ax2.set_xlabel("optimizer step")
-        ax2.grid(alpha=0.3)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        line(ax_tput, [(p["step"], p[PREFIX + "tokens_per_s"]) for p in pts], "tokens/s")
+        ax_tput.set_ylabel("tokens/s")
+        _fit(ax_tput, from_zero=True)
+        if any(PREFIX + "mfu" in p for p in pts):
+            ax_mfu = ax_tput.twinx()
+            line(ax_mfu, [(p["step"], 100 * p[PREFIX + "mfu"]) for p in pts if PREFIX + "mfu" in p], "MFU %",
+                 color="tab:red", linestyle=":")
+            ax_mfu.set_ylabel("MFU %")
+            _fit(ax_mfu, from_zero=True)
+        ax_tput.set_xlabel("optimizer step")
+        for ax in (ax_loss, ax_mem, ax_tput):
+            ax.grid(alpha=0.3)
+            if ax.get_lines():
+                ax.legend(loc="best", fontsize=8)
+        return fig
+
+
+def _fit(ax, from_zero: bool, headroom: float = 0.08) -> None:
+    """Set ``ax``'s y range to hold every point of its lines, with ``headroom`` of the span above (and below,
+    unless it starts at 0): a flat line sits inside the frame, not on its edge."""
+    import math
+
+    ys = [float(y) for ln in ax.get_lines() for y in ln.get_ydata() if math.isfinite(float(y))]
+    if not ys:
+        return
+    lo, hi = (min(0.0, min(ys)) if from_zero else min(ys)), max(ys)
+    pad = (hi - lo) * headroom or abs(hi) * headroom or 1.0
+    ax.set_ylim(lo if from_zero and lo == 0.0 else lo - pad, hi + pad)
 
 
 _CLASS: type | None = None

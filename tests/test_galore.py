@@ -193,7 +193,8 @@ def test_declared_incompatibilities_and_modes():
                 resolve_selection(host, {"optimizer": [name]}, {}, mode)
         resolve_selection(host, {"optimizer": [name]}, {}, "ddp")  # fine
         info = host.registry[name]
-        assert info.extra == "galore" and not info.lossless and info.needs_cuda == ("8bit" in name)
+        assert info.extra == ("galore,bnb" if "8bit" in name else "galore") and not info.lossless
+        assert info.needs_cuda == ("8bit" in name)
 
 
 def test_layerwise_refuses_fp16():

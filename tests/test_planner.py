@@ -427,16 +427,23 @@ def test_a_plugin_can_bring_its_own_memory_model():
 
 
 # ---- the arguments and the CLI ------------------------------------------------------------------------------------
-def test_lowmem_gpu_memory_selects_the_plan_and_training_runs(tmp_path):
+@pytest.fixture
+def gpu_run(monkeypatch):
+    """Plan these CPU runs as a GPU run would be planned (a CPU-only run refuses lowmem_gpu_memory)."""
+    monkeypatch.setattr("hf_lowmem.planner.arguments.training_device", lambda args: "cuda")
+
+
+def test_lowmem_gpu_memory_selects_the_plan_and_training_runs(tmp_path, gpu_run):
     from hf_lowmem import LowMemTrainer
     from tests.tiny import tiny_model
 
     model = tiny_model()
     shape = load_model_shape(model)
-    setup = TrainSetup(micro_batch=2, seq_len=16, precision="fp32", attn_impl="eager", device="cpu")
+    setup = TrainSetup(micro_batch=2, seq_len=16, precision="fp32", attn_impl="eager", device="cuda")
     plain = estimate_memory(PlanInput(shape, setup, {"optimizer": ("adamw",)}))
-    # a budget below the plain run's need: the planner must add memory savers
-    budget = int(plain.gpu_peak_allocated * 0.85)
+    # a budget below the plain run's need (on a GPU, the CUDA context and framework overhead dwarf a tiny
+    # model's tensors): the planner must add memory savers
+    budget = plain.gpu_total - 1
     args = train_args(tmp_path, lowmem_gpu_memory=f"{budget}B", lowmem_host_memory="64GiB")
     trainer = LowMemTrainer(model=model, args=args, train_dataset=RandomTokens(seq=16))
     chosen = trainer.lowmem_ctx.selection.names()
@@ -446,7 +453,7 @@ def test_lowmem_gpu_memory_selects_the_plan_and_training_runs(tmp_path):
     assert trainer.state.global_step == 4
 
 
-def test_an_impossible_budget_fails_before_any_plugin_touches_the_model(tmp_path, monkeypatch):
+def test_an_impossible_budget_fails_before_any_plugin_touches_the_model(tmp_path, monkeypatch, gpu_run):
     from hf_lowmem import LowMemTrainer
     from hf_lowmem.plugins import PluginHost
     from tests.tiny import tiny_model
@@ -464,7 +471,7 @@ def test_bad_budget_strings_fail_at_construction(tmp_path):
         train_args(tmp_path, lowmem_gpu_memory="lots")
 
 
-def test_train_cli_refuses_before_loading_weights(tmp_path, monkeypatch):
+def test_train_cli_refuses_before_loading_weights(tmp_path, monkeypatch, gpu_run):
     import hf_lowmem.cli_train as cli_train
 
     cfg = tiny_config("llama")

@@ -191,9 +191,10 @@ def test_gpu_fp32_equals_plain_trainer(tmp_path):
 
 def test_composes_with_attention_and_chunked_loss_plugins(tmp_path):
     """The engine runs the model's own layers, so an attention plugin's implementation is what it computes
-    with; chunked-loss is accepted (the engine always computes its loss in chunks)."""
+    with; chunked-loss is refused as redundant (the engine always computes its loss in chunks:
+    tests/test_chunked_loss.py)."""
     kw = dict(max_steps=3, gradient_accumulation_steps=2, learning_rate=1e-2)
-    s = LowMemTrainer(model=tiny_model(), args=train_args(tmp_path / "s", lowmem_offload=["stream", "chunked-loss"],
+    s = LowMemTrainer(model=tiny_model(), args=train_args(tmp_path / "s", lowmem_offload=["stream"],
                       lowmem_attention="sdpa", **kw), train_dataset=RandomTokens())
     assert s.model.config._attn_implementation == "sdpa"
     s.train()

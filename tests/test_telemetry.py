@@ -26,12 +26,13 @@ class Recorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def _run(tmp_path, **kw):
+def _run(tmp_path, eval_dataset=None, **kw):
     rec = Recorder()
     base = dict(lowmem_telemetry=True, max_steps=6, logging_steps=2, per_device_train_batch_size=2)
     base.update(kw)
     args = train_args(tmp_path, **base)
-    trainer = LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens(n=64, seq=16), callbacks=[rec])
+    trainer = LowMemTrainer(model=tiny_model(), args=args, train_dataset=RandomTokens(n=64, seq=16), callbacks=[rec],
+                            eval_dataset=eval_dataset)
     trainer.train()
     return trainer, rec
 
@@ -155,6 +156,46 @@ def test_plot_is_written(tmp_path, capsys):
     assert "plot written to" in capsys.readouterr().out
 
 
+def _lines(ax) -> dict[str, list[tuple[float, float]]]:
+    return {ln.get_label(): [(float(x), float(y)) for x, y in ln.get_xydata()] for ln in ax.get_lines()}
+
+
+def _same(drawn, expected):
+    assert [x for x, _ in drawn] == [x for x, _ in expected]
+    assert [y for _, y in drawn] == pytest.approx([y for _, y in expected], rel=1e-6)
+
+
+def test_plot_draws_the_loss_and_nothing_is_clipped(tmp_path):
+    """The PNG's lines hold exactly the run's data: the training loss and the eval loss (before: no loss at
+    all), host RSS per step, tokens/s per log; every y range holds its lines with headroom (before: the flat
+    host-RSS line ran along the top edge of the frame)."""
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plot.png"
+    trainer, _ = _run(tmp_path, lowmem_plot=str(png), max_steps=8, eval_strategy="steps", eval_steps=4,
+                      per_device_eval_batch_size=4, eval_dataset=RandomTokens(n=8, seq=16, seed=1))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tel = _telemetry(trainer)
+    fig = tel.write_plot(str(tmp_path / "again.png"))  # what on_train_end rendered
+    ax_loss, ax_mem, ax_tput = fig.axes[:3]
+    hist = trainer.state.log_history
+    loss = _lines(ax_loss)
+    _same(loss["training loss"], [(h["step"], h["loss"]) for h in hist if "loss" in h])
+    _same(loss["eval loss"], [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h])
+    assert len(loss["training loss"]) == 4 and len(loss["eval loss"]) == 2
+    mem = _lines(ax_mem)
+    _same(mem["host RSS"], [(x["step"], x["rss"] / 2**30) for x in tel.samples])
+    assert [s for s, _ in mem["host RSS"]] == list(range(1, 9))
+    tput = _lines(ax_tput)
+    logged = [(h["step"], h["lowmem/tokens_per_s"]) for h in hist if "loss" in h]  # not the final summary
+    _same(tput["tokens/s"], logged)
+    assert len(logged) == 4
+    for ax in (ax_loss, ax_mem, ax_tput):
+        lo, hi = ax.get_ylim()
+        ys = [y for pts in _lines(ax).values() for _, y in pts]
+        assert lo <= min(ys) and max(ys) < hi - 0.05 * (hi - lo), (ax.get_ylabel(), lo, hi, max(ys))
+        assert ax.get_ylabel() == "loss" or lo == 0.0  # memory and throughput start at 0
+
+
 def test_plot_without_matplotlib_fails_at_construction(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -162,7 +203,8 @@ def test_plot_without_matplotlib_fails_at_construction(tmp_path, monkeypatch):
         train_args(tmp_path, lowmem_plot="out.png")
 
 
-def test_summary_compares_with_the_plan(tmp_path, capsys):
+def test_summary_compares_with_the_plan(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("hf_lowmem.planner.arguments.training_device", lambda args: "cuda")  # planned as on a GPU
     trainer, _ = _run(tmp_path, lowmem_gpu_memory="1GiB", lowmem_host_memory="64GiB")
     summary = trainer.lowmem_ctx.state["telemetry"]
     assert summary["planned"]["plugins"] and summary["planned"]["gpu_peak_alloc_gib"] > 0

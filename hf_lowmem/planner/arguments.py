@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from hf_lowmem.errors import MemoryBudgetError
+from hf_lowmem.errors import MemoryBudgetError, PluginError
 from hf_lowmem.planner.inputs import ATTN_IMPLS, TrainSetup
 from hf_lowmem.planner.search import Plan, plan_training
 from hf_lowmem.planner.shapes import load_model_shape
@@ -33,12 +33,29 @@ def setup_from_args(args: Any, seq_len: int, model: Any = None) -> TrainSetup:
         precision = "fp32"
     if attn not in ATTN_IMPLS:
         attn = "flash_attention_2" if "flash" in str(attn) else "sdpa"
-    use_cpu = bool(getattr(args, "use_cpu", False))
-    cuda = torch.cuda.is_available() and not use_cpu
     return TrainSetup(micro_batch=int(args.per_device_train_batch_size), seq_len=int(seq_len),
                       grad_accum=int(args.gradient_accumulation_steps), precision=precision, attn_impl=attn,
-                      device="cuda" if cuda else "cpu", max_grad_norm=float(args.max_grad_norm or 0.0),
+                      device=training_device(args), max_grad_norm=float(args.max_grad_norm or 0.0),
                       gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
+
+
+def training_device(args: Any) -> str:
+    """``"cuda"`` when these arguments train on a CUDA GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not getattr(args, "use_cpu", False) else "cpu"
+
+
+def refuse_without_gpu(args: Any) -> None:
+    """``lowmem_gpu_memory`` budgets a GPU: on a run that trains on the CPU it would choose plugins for a
+    device that is not there (offloading to host memory that is the same memory), so it is refused, as
+    ``hf-lowmem plan`` without a GPU asks for the budget of the GPU to plan for."""
+    if training_device(args) == "cuda":
+        return
+    why = "use_cpu=True" if getattr(args, "use_cpu", False) else "no CUDA GPU is visible here"
+    raise PluginError(f"lowmem_gpu_memory={args.lowmem_gpu_memory!r} is a GPU memory budget, but this run trains on "
+                      f"the CPU ({why}); drop lowmem_gpu_memory, or plan for a GPU machine with `hf-lowmem plan "
+                      f"--model MODEL --gpu_memory {args.lowmem_gpu_memory}` and set the lowmem_* arguments it prints")
 
 
 def dataset_seq_len(dataset: Any) -> int | None:
@@ -78,6 +95,8 @@ def plan_for_args(args: Any, model_or_config: Any, *, host: Any = None, seq_len:
         maximum position embeddings capped at 2048 (with a warning).
     :param param_dtype: the dtype the weights will be loaded in (``torch.bfloat16`` / ``"bfloat16"``) when
         planning from a config; a model object tells it itself.
+
+    A run that trains on the CPU (``use_cpu=True``, or no CUDA GPU) is refused (:func:`refuse_without_gpu`).
     """
     import logging
 
@@ -89,6 +108,7 @@ def plan_for_args(args: Any, model_or_config: Any, *, host: Any = None, seq_len:
         return None
     logger = logging.getLogger("hf_lowmem")
     gpu = parse_size(args.lowmem_gpu_memory, "lowmem_gpu_memory")
+    refuse_without_gpu(args)
     host_b = parse_size(args.lowmem_host_memory, "lowmem_host_memory") if args.lowmem_host_memory else host_memory_bytes()
     request, raw_options = args.lowmem_request(), {k: dict(v) for k, v in (args.lowmem_options or {}).items()}
     shape = load_model_shape(model_or_config)

@@ -110,6 +110,15 @@ class DeviceSpec:
     #: CUDA context + kernel images: on the GPU but outside torch's allocator
     context_bytes: int = 600 * MiB
 
+    def __post_init__(self):
+        import math
+
+        for f in ("matmul_tflops", "train_efficiency", "fp32_tflops", "h2d_gbps", "d2h_gbps", "duplex_gbps", "hbm_gbps"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise PluginError(f"{f} must be a positive finite rate, got {v!r}: a rate of 0 would make every step "
+                                  "take forever")
+
     def flops_rate(self, setup: TrainSetup) -> float:
         tf = self.fp32_tflops if setup.precision == "fp32" else self.matmul_tflops
         return tf * 1e12 * self.train_efficiency

@@ -169,6 +169,15 @@ def _preset_key(name: str) -> str | None:
     return k if k in PRESETS else None
 
 
+def looks_local(spec: str) -> bool:
+    """Whether a model name can only be a local path: ``./x``, ``../x``, ``/x``, ``~/x``, ``C:...``,
+    ``x.json``, or more than one ``/`` (a hub id is ``name`` or ``owner/name``)."""
+    s = str(spec)
+    if s.startswith((".", "/", "~", "\\")) or (len(s) > 1 and s[1] == ":"):
+        return True
+    return s.lower().endswith(".json") or s.count("/") >= 2 or (os.sep != "/" and os.sep in s)
+
+
 def load_model_shape(spec: Any, **config_overrides: Any) -> ModelShape:
     """Read a model's parameter layout without loading weights.
 
@@ -176,6 +185,9 @@ def load_model_shape(spec: Any, **config_overrides: Any) -> ModelShape:
     ``PretrainedConfig``; or a string: a preset name (:data:`PRESETS`), a ``config.json`` path, a model
     folder, or a hub id (read from the local cache when offline). ``config_overrides`` change config
     fields first (e.g. ``num_hidden_layers=16`` for a slice)."""
+    layers = config_overrides.get("num_hidden_layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise PluginError(f"num_hidden_layers={layers!r}: the number of decoder layers to plan must be an integer >= 1")
     if isinstance(spec, ModelShape):
         if config_overrides:
             raise PluginError("config overrides need a config, not a ModelShape")
@@ -195,6 +207,10 @@ def load_model_shape(spec: Any, **config_overrides: Any) -> ModelShape:
     text = os.fspath(spec)
     if _preset_key(text) is not None and not os.path.exists(text):
         return shape_from_config(preset_config(text, **config_overrides))
+    if looks_local(text) and not os.path.exists(os.path.expanduser(text)):  # never asked of the Hub
+        raise PluginError(f"{text!r}: no such file or folder. Give a config.json, a model folder with one, a hub id "
+                          f"(owner/name), or a preset: {', '.join(preset_names())}")
+    text = os.path.expanduser(text)
     from transformers import AutoConfig
 
     try:
