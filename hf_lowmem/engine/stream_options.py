@@ -34,7 +34,7 @@ class StreamOptions:
         host memory fits the budget (``host_memory`` / ``lowmem_host_memory``, else the memory available).
     :param loss_chunk_tokens: tokens per chunk of the LM head + cross-entropy (bounds the logits memory).
     :param check_memory: refuse to start when the estimated GPU or host memory exceeds what is there.
-    :param gpu_memory: GPU budget to check against (e.g. ``"8GB"``); default: free memory under the
+    :param gpu_memory: GPU budget to check against (e.g. ``"8GiB"``); default: free memory under the
         process's cap (``torch.cuda.set_per_process_memory_fraction``).
     :param host_memory: host budget of the whole process tree (DataLoader workers included); default: available RAM.
     :param profile: time copies and compute with CUDA events (``engine.profile_totals()``), for benchmarks.
