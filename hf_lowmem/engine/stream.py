@@ -34,7 +34,6 @@ pipeline and the gradient hand-off share the engine's event bookkeeping); storag
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +49,8 @@ from hf_lowmem.engine.device import Device
 from hf_lowmem.engine.estimate import estimate_stream_memory  # noqa: F401  (its historical import path)
 from hf_lowmem.engine.hostmem import HostArena
 from hf_lowmem.engine.optim import StreamAdamW, clip_coefficient
-from hf_lowmem.engine.store import BlockStore, StashPool
+from hf_lowmem.engine.store import StashPool, create_store
 from hf_lowmem.engine.stream_options import resolve_formats
-from hf_lowmem.engine.weights_io import save_pretrained_streaming
 from hf_lowmem.errors import PluginError
 
 logger = logging.getLogger("hf_lowmem")
@@ -144,7 +142,7 @@ class StreamEngine:
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
         self.arena = HostArena(pin=self.dev.cuda)
-        self.store = BlockStore(self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
+        self.store = create_store(self, self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
         if opts.check_memory:
             preflight.check_host(self, "masters")
         self.store.adopt()
@@ -156,8 +154,7 @@ class StreamEngine:
         self.optimizer = StreamAdamW(groups, self, self.store, lr=osp.lr, betas=osp.betas, eps=osp.eps,
                                      weight_decay=osp.weight_decay, seed=spec.seed)
         # checkpoints and save_model: sharded safetensors in the original dtype, written from the host buffers
-        model.save_pretrained = functools.partial(save_pretrained_streaming, model, save_dtype=self.store.save_dtype,
-                                                  original=model.save_pretrained)
+        model.save_pretrained = self.store.bind_save(model, original=model.save_pretrained, flush=self.flush)
 
     def _checkpointing_off(self, model: torch.nn.Module) -> bool:
         """The engine recomputes every layer in backward already; the model's own activation checkpointing
@@ -213,7 +210,14 @@ class StreamEngine:
 
     def discard_pending(self) -> None:
         self.pending = None
+        for f in self._prefetched.values():  # fetched ahead and never used: give the store its blocks back
+            self.store.release(f.k)
         self._prefetched.clear()
+
+    def load_checkpoint(self, folder: str) -> bool:
+        """Restore a checkpoint's weights (the SSD tier links its block files back): ``True``; ``False`` when the
+        Trainer loads them into the parameters itself."""
+        return self.store.load_checkpoint(folder)
 
     @torch.no_grad()
     def flush(self) -> None:
