@@ -149,6 +149,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
     """Masters and optimizer states of every block in files (see the module docstring)."""
 
     file_backed = True
+    late_prefetch = True
 
     def __init__(self, blocks, formats, arena, group_of, min_quant_size=4096, fp32_state_params=None, *,
                  options, device, pending=None):

@@ -103,6 +103,10 @@ def grad_bytes(numel: int, grads: str, compute_bytes: int) -> int:
 class BlockStore:
     """Masters and optimizer states of every block, RAM-backed (see the module docstring)."""
 
+    #: the engine fetches the next block only after queueing the current one's compute (a store whose ``acquire``
+    #: may wait for a disk read); else before it, so that its copy overlaps the compute
+    late_prefetch = False
+
     def __init__(self, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
                  min_quant_size: int = 4096, fp32_state_params: set[int] | None = None):
         self.formats, self.arena = formats, arena

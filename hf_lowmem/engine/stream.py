@@ -406,6 +406,7 @@ class StreamEngine:
         else:
             scales = [_inverse(float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
         n_layers = self.anat.num_layers
+        late = self.store.late_prefetch
 
         # 1. forward, block-major
         with torch.no_grad():
@@ -419,9 +420,12 @@ class StreamEngine:
                 if slot is not None:
                     self._stash(slot, carry, mbs)
                 W = self._load(k)
-                self._prefetch(k + 1)
+                if not late:
+                    self._prefetch(k + 1)
                 with self.dev.segment("forward"):
                     carry = [self._layer(k, W, h, mb) for h, mb in zip(carry, mbs)]
+                if late:  # the SSD tier's fetch may wait for the disk: only once this layer's work is queued
+                    self._prefetch(k + 1)
         # 2. head: loss and its gradient at once
         hk = self.num_blocks - 1
         W = self._load(hk)
@@ -441,7 +445,8 @@ class StreamEngine:
             ks = pool.group_layers(g)
             Ws = {k: self._load(k) for k in reversed(ks)}
             nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
-            self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
+            if not late:
+                self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -457,7 +462,7 @@ class StreamEngine:
                     for (k, n), gr in zip(order, grads[1:]):
                         self._accumulate(k, accs[k], n, gr)
                 del out, grads, h
-            for k in nxt[1:]:
+            for k in nxt if late else nxt[1:]:
                 self._prefetch(k)
             for k in reversed(ks):
                 sumsq = self._store_grads(k, accs[k], sumsq)
