@@ -313,3 +313,22 @@ def test_save_model_writes_safetensors_that_load_with_the_trained_weights(tmp_pa
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     assert _max_diff(_weights(t), [p.detach() for p in loaded.parameters()]) == 0
     assert not (tmp_path / "final" / "offload").exists()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["exact", "compact"])
+def test_gradients_on_the_disk_change_nothing(tmp_path, compact):
+    """offload_grads: the stored gradients go to their own files between backward and the update; the stash pool
+    keeps only the activation stash; the losses are those of the RAM tier."""
+    if compact:
+        pytest.importorskip("bitsandbytes")
+    tier = {"tier": "compact"} if compact else {}
+    mk = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    ram = _run(tmp_path / "ram", {"stream": dict(tier)}, mk, max_steps=3, save_strategy="steps", save_steps=2)
+    ssd = _run(tmp_path / "ssd", _ssd(tmp_path, offload_grads=True, offload_window=2, **tier), mk, max_steps=3,
+               save_strategy="steps", save_steps=2)
+    eng = ssd.lowmem_engine
+    assert eng.pool.grad_at == {} and all(os.path.getsize(p) > 0 for p in eng.store.grad_paths)
+    assert sum(s.numel() for s in eng.pool.slots) < sum(s.numel() for s in ram.lowmem_engine.pool.slots)
+    assert max(abs(a - b) for a, b in zip(logged_losses(ram), logged_losses(ssd))) < TOL
+    assert _max_diff(_weights(ram), _weights(ssd)) < (TOL if not compact else 1e-9)
+    assert not list((tmp_path / "ssd" / "checkpoint-2" / "offload").glob("grad-*"))  # not part of a checkpoint

@@ -18,7 +18,8 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
                            tokens_per_micro_batch: int, micro_batches: int, compute_bytes: int = 2,
                            state_format: str = "8bit", loss_chunk_tokens: int = 2048,
                            masters_exist: bool = False, master_format: str = "fp32", grad_format: str = "compute",
-                           stash_every: int = 1, offload_window: int | None = None) -> dict:
+                           stash_every: int = 1, offload_window: int | None = None,
+                           offload_grads: bool = False) -> dict:
     """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated, as
     ``torch.cuda.max_memory_allocated`` counts it) and ``host_bytes``, each with a breakdown, plus the total
     of every phase (``gpu_phases``) and the one that sets the peak (``gpu_peak_phase``).
@@ -26,7 +27,8 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     the embedding, so the last block is then only the norm). ``master_format`` (fp32/bf16), ``state_format``
     (fp32/8bit/4bit), ``grad_format`` (compute/8bit) and ``stash_every`` as the engine's options; the defaults
     are the exact tier with 8-bit states. ``offload_window``: the SSD tier with that many host buffers (masters
-    and states on the disk: see :func:`ssd_traffic`, whose figures are returned as ``disk``).
+    and states on the disk: see :func:`ssd_traffic`, whose figures are returned as ``disk``); ``offload_grads``:
+    its stored gradients on the disk too.
 
     Each phase counts the device tensors :meth:`StreamEngine._run_window` holds at that moment (a tensor
     counts from its allocation until the last Python reference to it goes, which is when the caching
@@ -130,6 +132,8 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     starts["end"] = {"hidden_states": one, "gradients": n * lay * 4 + n * lay * cb}
     for name, extra in starts.items():
         ph = dict(base)
+        if offload_window is not None and name != "end":  # the SSD tier fetches the next group after the micro-batches
+            ph.pop("transfer_buffers")
         for k, v in extra.items():
             ph[k] = ph.get(k, 0) + v
         phases[f"backward ({name})"] = ph
@@ -161,9 +165,12 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     disk = None
     if offload_window is not None:
         disk = ssd_traffic(block_params, master_format=master_format, state_format=state_format,
-                           window=offload_window, stash_every=n)
+                           window=offload_window, stash_every=n, grad_format=grad_format if offload_grads else None,
+                           compute_bytes=cb)
         host["master_weights"] = host["optimizer_states"] = 0
         host["ssd_window"] = disk["window_bytes"]
+        if offload_grads:
+            host.update(stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=0, stash_every=n))
     out = {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
            "gpu_peak_phase": peak_phase,
            "gpu_phases": {k: int(v + gpu["framework"]) for k, v in totals.items()}}
@@ -187,26 +194,31 @@ def ssd_block_bytes(n_params: int, *, master_format: str, state_format: str) -> 
 
 
 def ssd_traffic(block_params: list[int], *, master_format: str, state_format: str, window: int = 4,
-                stash_every: int = 1) -> dict:
+                stash_every: int = 1, grad_format: str | None = None, compute_bytes: int = 2) -> dict:
     """Bytes the SSD tier moves per optimizer step (steady state: every block's update deferred to the next
     forward) and keeps on the disk.
 
     Forward: each block's masters and states are read and, updated, written back. Backward: each decoder layer's
     and the embedding's masters are read again, except those still in the window of host buffers when backward
-    starts (the top ``window - 2`` layers: the head and one block in flight take two). Returns ``read_bytes``,
-    ``write_bytes``, ``file_bytes`` (the live files; each checkpoint adds as much once training moves on),
-    ``window_bytes`` (host buffers: the window, grown to hold a ``stash_every`` group and the next block) and
+    starts (the top ``window - 2`` layers: the head and one block in flight take two). With ``grad_format``
+    (``compute`` / ``8bit``: the stored gradients on the disk too) each block's gradients are written in backward
+    and read with the block in the next forward. Returns ``read_bytes``, ``write_bytes``, ``file_bytes`` (the live
+    files; each checkpoint adds its masters and states once training moves on), ``window_bytes`` (host buffers: the
+    window, grown to hold a ``stash_every`` group and the next block, plus two gradient staging buffers) and
     ``window`` (buffers)."""
     parts = [ssd_block_bytes(p, master_format=master_format, state_format=state_format) for p in block_params]
+    gb = 0.0 if grad_format is None else (compute_bytes if grad_format == "compute" else 1 + 4 / BLOCK_8BIT)
+    grads = [_aligned(p * gb) if gb else 0 for p in block_params]
     masters = [m for m, _ in parts]
     full = [m + s for m, s in parts]
     layers = masters[1:-1]
     hits = max(0, min(len(layers), window - 2))
     backward = sum(layers[: len(layers) - hits]) + masters[0]
     bufs = max(window, stash_every + 2)
-    return {"read_bytes": sum(full) + backward, "write_bytes": sum(full), "file_bytes": sum(full),
-            "window_bytes": bufs * max(full), "window": bufs,
-            "master_bytes": sum(masters), "state_bytes": sum(full) - sum(masters)}
+    return {"read_bytes": sum(full) + backward + sum(grads), "write_bytes": sum(full) + sum(grads),
+            "file_bytes": sum(full) + sum(grads), "window_bytes": bufs * max(f + g for f, g in zip(full, grads))
+            + 2 * max(grads), "window": bufs, "master_bytes": sum(masters), "state_bytes": sum(full) - sum(masters),
+            "grad_bytes": sum(grads)}
 
 
 def disk_seconds(traffic: dict, read_gbps: float, write_gbps: float | None = None, disks: int = 1) -> float:

@@ -43,7 +43,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -53,106 +52,41 @@ from hf_lowmem.engine.filecheckpoint import (
     FileCheckpoints,
     save_pretrained_files,
 )
-from hf_lowmem.engine.store import BlockStore, _trim_heap, state_shapes
+from hf_lowmem.engine.filegrads import FileGrads
+from hf_lowmem.engine.fileparts import LazyStates, Region, WindowBuffer, block_regions
+from hf_lowmem.engine.store import BlockStore, _trim_heap
 from hf_lowmem.errors import CheckpointError, PluginError
 
 logger = logging.getLogger("hf_lowmem")
 
 
 
-@dataclass(frozen=True)
-class Region:
-    name: str
-    offset: int  # bytes from the start of the block (file and buffer alike)
-    nbytes: int
-    dtype: torch.dtype
-    numel: int
-
-    def to_json(self) -> list:
-        return [self.name, self.offset, self.nbytes, str(self.dtype).replace("torch.", "")]
-
-
-def block_regions(layout, states_format: str, master_dtype: torch.dtype) -> tuple[list[Region], int, int]:
-    """A block's regions, the byte where its states start and its size (all multiples of :data:`aio.IO_ALIGN`)."""
-    es = torch.empty((), dtype=master_dtype).element_size()
-    regs = [Region("master", 0, layout.numel * es, master_dtype, layout.numel)]
-    off = aio.round_up(layout.numel * es)
-    split = off
-    for name, (n, dt) in state_shapes(layout, states_format).items():
-        nb = n * torch.empty((), dtype=dt).element_size()
-        regs.append(Region(name, off, nb, dt, n))
-        off += aio.round_up(nb)
-    return regs, split, max(off, aio.IO_ALIGN)
-
-
-class _Buf:
-    """One host buffer of the window and what it holds."""
-
-    def __init__(self, t: torch.Tensor):
-        self.t = t
-        self.block: int | None = None
-        self.master = self.states = False  # which parts hold the block's current contents
-        self.reading: Future | None = None
-        self.read_states = False
-        self.writing: Future | None = None
-        self.gpu_ev = None  # the GPU's last copy out of this buffer
-        self.pins = 0
-
-
-class _LazyStates:
-    """The states of an acquired block: read from the disk the first time the engine asks (only an update
-    does), after any write of the block still in flight."""
-
-    def __init__(self, store: FileBlockStore, k: int, buf: _Buf):
-        self.store, self.k, self.buf = store, k, buf
-        self._d: dict[str, torch.Tensor] | None = None
-
-    def _get(self) -> dict[str, torch.Tensor]:
-        if self._d is None:
-            self._d = self.store._need_states(self.k, self.buf)
-        return self._d
-
-    def items(self):
-        return self._get().items()
-
-    def keys(self):
-        return self._get().keys()
-
-    def __getitem__(self, name):
-        return self._get()[name]
-
-    def __iter__(self):
-        return iter(self._get())
-
-    def __len__(self):
-        return len(self._get())
-
-
 _OWNERS: dict[str, weakref.ref] = {}  # offload folder -> the engine's store of this process that holds it
 
 
-def _shutdown(pools, fds, locks) -> None:
+def _shutdown(pools, fd_lists, locks) -> None:
     for p in pools:
         p.shutdown(wait=True)
-    for i, fd in enumerate(fds):
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            fds[i] = None
+    for fds in fd_lists:
+        for i, fd in enumerate(fds):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                fds[i] = None
     for fd in locks:
         with contextlib.suppress(OSError):
             os.close(fd)
     locks.clear()
 
 
-class FileBlockStore(FileCheckpoints, BlockStore):
+class FileBlockStore(FileGrads, FileCheckpoints, BlockStore):
     """Masters and optimizer states of every block in files (see the module docstring)."""
 
     file_backed = True
     late_prefetch = True
 
     def __init__(self, blocks, formats, arena, group_of, min_quant_size=4096, fp32_state_params=None, *,
-                 options, device, pending=None):
+                 options, device, pending=None, compute_bytes: int = 2):
         super().__init__(blocks, formats, arena, group_of, min_quant_size, fp32_state_params)
         from hf_lowmem.engine.stream_options import offload_dirs
 
@@ -165,7 +99,8 @@ class FileBlockStore(FileCheckpoints, BlockStore):
         self._wfut: dict[int, Future] = {}  # each block's last write
         self._io = ThreadPoolExecutor(int(options.io_threads), thread_name_prefix="hf-lowmem-io")
         self._tasks = ThreadPoolExecutor(max(2, int(options.io_threads)), thread_name_prefix="hf-lowmem-blk")
-        self._finalizer = weakref.finalize(self, _shutdown, (self._tasks, self._io), self._fds, self._locks)
+        self._finalizer_fds = [self._fds]
+        self._finalizer = weakref.finalize(self, _shutdown, (self._tasks, self._io), self._finalizer_fds, self._locks)
         for d in self.dirs:
             self._locks.append(self._lock(d))
         self.direct = self._choose_direct()
@@ -175,15 +110,16 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             self.regions.append(r)
             self.split.append(s)
             self.block_bytes.append(n)
-        self.buf_bytes = max(self.block_bytes)
         self.paths = [os.path.join(self.dirs[k % len(self.dirs)], f"block-{k:05d}.bin") for k in range(nb)]
+        self._init_grads(compute_bytes)
+        self.buf_bytes = max(n + g for n, g in zip(self.block_bytes, self.grad_size))
         self._maps: list[mmap.mmap | None] = [None] * nb
         self.algorithm = aio.checksum_name()
         self.digests: list[dict[str, str | None]] = [dict.fromkeys(PARTS) for _ in range(nb)]
         self.generation = [0] * nb
         self._verify: set[tuple[int, str]] = set()
         self._remap: set[int] = set()
-        self._bufs: list[_Buf] = []
+        self._bufs: list[WindowBuffer] = []
         self.window = int(options.offload_window)
         self._pos: int | None = None
         self._trained = False
@@ -243,18 +179,19 @@ class FileBlockStore(FileCheckpoints, BlockStore):
     def file_bytes(self) -> int:
         return sum(self.block_bytes)
 
-    def _new_file(self, k: int, path: str | None = None) -> int:
+    def _new_file(self, k: int, path: str | None = None, size: int | None = None) -> int:
         path = path or self.paths[k]
+        size = size or self.block_bytes[k]
         try:
             os.unlink(path)  # never write into an inode a checkpoint may share
         except FileNotFoundError:
             pass
         fd = aio.open_file(path, self.direct, create=True)
         try:
-            aio.preallocate(fd, self.block_bytes[k])
+            aio.preallocate(fd, size)
         except OSError as e:
             os.close(fd)
-            raise PluginError(f"offload_dir: cannot reserve {self.block_bytes[k] / 2**30:.2f} GiB for block {k} in "
+            raise PluginError(f"offload_dir: cannot reserve {size / 2**30:.2f} GiB for block {k} in "
                               f"{os.path.dirname(path)!r} ({e.strerror}); free space on that disk") from None
         return fd
 
@@ -273,7 +210,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
     def adopt(self) -> None:
         """Write each block's parameters into its new file (states start as zeros: reserved, never written), block
         by block through the window, freeing each original as it goes; the parameters become views of the files."""
-        self._bufs = [_Buf(self.arena.empty(self.buf_bytes, torch.uint8)) for _ in range(self.window)]
+        self._bufs = [WindowBuffer(self.arena.empty(self.buf_bytes, torch.uint8)) for _ in range(self.window)]
         for k, lay in enumerate(self.layouts):
             b = self._bufs[k % len(self._bufs)]
             if b.writing is not None:
@@ -287,6 +224,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
                 master[s.offset: s.offset + s.numel].copy_(src.reshape(-1))
                 del src
             self._fds[k] = self._new_file(k)
+            self._create_grad_file(k)
             b.block, b.master, b.states = k, True, True
             b.writing = self._wfut[k] = self._tasks.submit(self._adopt_task, b, k)
             self._map_params(k)
@@ -297,7 +235,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
         logger.info("hf-lowmem: SSD tier: %d block files, %.2f GiB on disk, %d host buffers of %.2f GiB",
                     len(self.layouts), self.file_bytes() / 2**30, len(self._bufs), self.buf_bytes / 2**30)
 
-    def _adopt_task(self, b: _Buf, k: int) -> None:
+    def _adopt_task(self, b: WindowBuffer, k: int) -> None:
         split, end = self.split[k], self.block_bytes[k]
         self.digests[k]["master"] = self._write_part(self._fds[k], b, 0, split)
         self.digests[k]["states"] = aio.digest_of(self._io, b.t[split:end], self.algorithm) if end > split else None
@@ -307,10 +245,10 @@ class FileBlockStore(FileCheckpoints, BlockStore):
 
     # ---- views ---------------------------------------------------------------------------------------------
     @staticmethod
-    def _region(b: _Buf, k: int, r: Region) -> torch.Tensor:
+    def _region(b: WindowBuffer, k: int, r: Region) -> torch.Tensor:
         return b.t[r.offset: r.offset + r.nbytes].view(r.dtype)
 
-    def _views(self, b: _Buf, k: int, states: bool) -> dict[str, torch.Tensor]:
+    def _views(self, b: WindowBuffer, k: int, states: bool) -> dict[str, torch.Tensor]:
         regs = self.regions[k][1:] if states else self.regions[k][:1]
         return {r.name: self._region(b, k, r) for r in regs}
 
@@ -397,7 +335,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
         return out
 
     # ---- the window -------------------------------------------------------------------------------------------
-    def _find(self, k: int) -> _Buf | None:
+    def _find(self, k: int) -> WindowBuffer | None:
         for b in self._bufs:
             if b.block == k:
                 return b
@@ -408,7 +346,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             self._remap.discard(k)
             self._map_params(k)
 
-    def _victim(self, nxt: dict[int, int], before: int | None) -> _Buf | None:
+    def _victim(self, nxt: dict[int, int], before: int | None) -> WindowBuffer | None:
         best, score = None, -1
         for b in self._bufs:
             if b.pins or (b.reading is not None and not b.reading.done()):
@@ -420,22 +358,32 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             return None
         return best
 
-    def _start_read(self, b: _Buf, k: int, states: bool) -> None:
+    def _start_read(self, b: WindowBuffer, k: int, states: bool) -> None:
         self._settle(b)
-        prev = [f for f in (b.writing, self._wfut.get(k)) if f is not None and not f.done()]
+        prev = [f for f in (b.writing, self._wfut.get(k)) if f is not None and not f.done()] + self._grad_deps(k)
         ev, b.gpu_ev = b.gpu_ev, None
-        b.block, b.master, b.states, b.read_states = k, False, False, states
-        b.reading = self._tasks.submit(self._read_task, b, k, PARTS if states else ("master",), prev, ev)
+        b.block, b.master, b.states, b.ggen = k, False, False, -1
+        parts = (PARTS if states else ("master",)) + self._grads_part(k, states)
+        b.reading = self._tasks.submit(self._read_task, b, k, parts, prev, ev, self._ggen[k])
 
-    def _settle(self, b: _Buf) -> None:
+    def _more(self, b: WindowBuffer, k: int) -> tuple:
+        """The parts an update of resident block ``k`` still lacks: its states, its current gradients."""
+        return (() if b.states else ("states",)) + (() if self._grads_ok(b, k) else self._grads_part(k, True))
+
+    def _read_more(self, b: WindowBuffer, k: int, parts: tuple) -> None:
+        b.reading = self._tasks.submit(self._read_task, b, k, parts, self._grad_deps(k), None, self._ggen[k])
+
+    def _settle(self, b: WindowBuffer) -> None:
         """Record a finished read's result."""
         if b.reading is not None and b.reading.done():
             f, b.reading = b.reading, None
-            parts = f.result()
+            parts, ggen = f.result()
             b.master = b.master or "master" in parts
             b.states = b.states or "states" in parts
+            if "grads" in parts:
+                b.ggen = ggen
 
-    def _wait_read(self, b: _Buf) -> None:
+    def _wait_read(self, b: WindowBuffer) -> None:
         if b.reading is not None:
             if not b.reading.done():
                 t0 = time.perf_counter()
@@ -457,9 +405,10 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             b = self._find(j)
             if b is not None:
                 self._settle(b)
-                if st and not b.states and b.reading is None and (b.writing is None or b.writing.done()):
-                    b.read_states = True
-                    b.reading = self._tasks.submit(self._read_task, b, j, ("states",), [], None)
+                if st and b.reading is None and (b.writing is None or b.writing.done()):
+                    more = self._more(b, j)
+                    if more:
+                        self._read_more(b, j, more)
                 continue
             v = self._victim(nxt, i)
             if v is None:
@@ -471,7 +420,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             e, self._error = self._error, None
             raise e
 
-    def acquire(self, k: int) -> tuple[torch.Tensor, _LazyStates]:
+    def acquire(self, k: int) -> tuple[torch.Tensor, LazyStates]:
         """Block ``k``'s masters in a host buffer (waiting for its read), and its states on demand."""
         self._check()
         self._collect()
@@ -493,9 +442,9 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             b.block = None
             raise
         self._prefetch()
-        return self._region(b, k, self.regions[k][0]), _LazyStates(self, k, b)
+        return self._region(b, k, self.regions[k][0]), LazyStates(self, k, b)
 
-    def _demand_buffer(self, k: int) -> _Buf:
+    def _demand_buffer(self, k: int) -> WindowBuffer:
         while True:
             up = self._upcoming(len(self._bufs))
             nxt: dict[int, int] = {}
@@ -508,7 +457,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             if busy:
                 self._wait_read(busy[0])
                 continue
-            b = _Buf(self.arena.empty(self.buf_bytes, torch.uint8))  # every buffer is on the GPU's way
+            b = WindowBuffer(self.arena.empty(self.buf_bytes, torch.uint8))  # every buffer is on the GPU's way
             self._bufs.append(b)
             if not self._said_grow:
                 logger.info("hf-lowmem: SSD tier: the schedule holds %d blocks at once; the window grows to %d "
@@ -517,13 +466,13 @@ class FileBlockStore(FileCheckpoints, BlockStore):
                 self._said_grow = True
             return b
 
-    def _need_states(self, k: int, b: _Buf) -> dict[str, torch.Tensor]:
+    def _need_states(self, k: int, b: WindowBuffer) -> dict[str, torch.Tensor]:
         if b.writing is not None and not b.writing.done():
             b.writing.result()  # the engine is about to write the update into this buffer
         self._wait_read(b)
-        if not b.states:
-            b.read_states = True
-            b.reading = self._tasks.submit(self._read_task, b, k, ("states",), [], None)
+        more = self._more(b, k)
+        if more:
+            self._read_more(b, k, more)
             self._wait_read(b)
         return self._views(b, k, states=True)
 
@@ -546,7 +495,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
     def _part(self, k: int, part: str) -> tuple[int, int]:
         return (0, self.split[k]) if part == "master" else (self.split[k], self.block_bytes[k])
 
-    def _read_task(self, b: _Buf, k: int, parts, prev: list, ev) -> tuple:
+    def _read_task(self, b: WindowBuffer, k: int, parts, prev: list, ev, ggen: int = 0) -> tuple:
         for f in prev:
             f.result()
         if ev is not None:
@@ -554,6 +503,9 @@ class FileBlockStore(FileCheckpoints, BlockStore):
         t0 = time.perf_counter()
         n = 0
         for part in parts:
+            if part == "grads":
+                n += self._read_grads(b, k)
+                continue
             lo, hi = self._part(k, part)
             if hi <= lo:
                 continue
@@ -573,21 +525,21 @@ class FileBlockStore(FileCheckpoints, BlockStore):
             self.stats["read_bytes"] += n
             self.stats["read_busy_s"] += time.perf_counter() - t0
             self.stats["reads"] += 1
-        return tuple(parts)
+        return tuple(parts), ggen
 
-    def _write_part(self, fd: int, b: _Buf, lo: int, hi: int) -> str | None:
+    def _write_part(self, fd: int, b: WindowBuffer, lo: int, hi: int) -> str | None:
         if hi <= lo:
             return None
         return aio.write_from(self._io, fd, b.t[lo:hi], lo, direct=self.direct, algorithm=self.algorithm)
 
-    def _write_task(self, b: _Buf, k: int, after, prev: list) -> None:
+    def _write_task(self, b: WindowBuffer, k: int, after, prev: list) -> None:
         try:
             self._write(b, k, after, prev)
         except BaseException as e:
             self._error = e  # raised at the next acquire or release, and by whoever waits for this write
             raise
 
-    def _write(self, b: _Buf, k: int, after, prev: list) -> None:
+    def _write(self, b: WindowBuffer, k: int, after, prev: list) -> None:
         for f in prev:
             f.result()
         after.synchronize()
@@ -618,6 +570,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
         """Wait for every write in flight, then flush the files to the disk."""
         for f in list(self._wfut.values()):
             f.result()
+        self._sync_grads()
         self._check()
         for b in self._bufs:
             if b.reading is not None and b.reading.done():
@@ -636,7 +589,7 @@ class FileBlockStore(FileCheckpoints, BlockStore):
                     b.reading.result()
             if b.gpu_ev is not None:
                 b.gpu_ev.synchronize()
-            b.reading, b.gpu_ev, b.block, b.master, b.states, b.pins = None, None, None, False, False, 0
+            b.reading, b.gpu_ev, b.block, b.master, b.states, b.pins, b.ggen = None, None, None, False, False, 0, -1
         self._pos = None
 
     # ---- weights out -----------------------------------------------------------------------------------------------

@@ -106,12 +106,12 @@ def check_disk(engine: StreamEngine) -> None:
     store = engine.store
     need: dict[str, int] = {}
     for k, path in enumerate(store.paths):
-        need[os.path.dirname(path)] = need.get(os.path.dirname(path), 0) + store.block_bytes[k]
+        need[os.path.dirname(path)] = need.get(os.path.dirname(path), 0) + store.block_bytes[k] + store.grad_size[k]
     rates: dict[str, tuple[float, float, str]] = {}
     for d, n in need.items():
         mine = 0  # this folder's old block files, replaced (their space comes back unless a checkpoint links them)
         for name in os.listdir(d):
-            if name.startswith("block-") and name.endswith(".bin"):
+            if name.startswith(("block-", "grad-")) and name.endswith(".bin"):
                 st = os.stat(os.path.join(d, name))
                 mine += st.st_size if st.st_nlink == 1 else 0
         free = shutil.disk_usage(d).free + mine
@@ -142,7 +142,9 @@ def disk_step_note(engine: StreamEngine, tokens_per_micro_batch: int, micro_batc
     store = engine.store
     params = [sum(s.numel for s in lay.slots) for lay in store.layouts]
     traffic = ssd_traffic(params, master_format=engine.formats.master, state_format=engine.formats.states,
-                          window=store.window, stash_every=stash_every)
+                          window=store.window, stash_every=stash_every,
+                          grad_format=engine.formats.grads if store.offload_grads else None,
+                          compute_bytes=engine.compute_dtype.itemsize)
     rates = getattr(engine, "disk_rates", None) or {d: (engine.options.disk_gbps or 1.0,) * 2 + ("assumed",)
                                                   for d in store.dirs}
     disks = len({aio.device_key(d) for d in rates})
@@ -184,7 +186,8 @@ def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: i
         compute_bytes=torch.empty((), dtype=engine.compute_dtype).element_size(),
         state_format=fm.states, loss_chunk_tokens=engine.options.loss_chunk_tokens, masters_exist=True,
         master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1,
-        offload_window=getattr(engine.store, "window", None) if getattr(engine.store, "file_backed", False) else None)
+        offload_window=getattr(engine.store, "window", None) if getattr(engine.store, "file_backed", False) else None,
+        offload_grads=getattr(engine.store, "offload_grads", False))
 
 
 def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
@@ -195,8 +198,9 @@ def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
     lays = engine.store.layouts
     # per-parameter bytes from the padded layout, so the figure is what StashPool allocates (to a few KiB)
     per = [grad_bytes(lay.numel, engine.formats.grads, cb) for lay in lays]
+    on_disk = getattr(engine.store, "offload_grads", False)  # the SSD tier keeps them in files
     parts = stash_host_bytes([max(1, p) for p in per], window_tokens * engine.hidden_size * cb,
-                             grad_bytes_per_param=1.0, stash_every=n)
+                             grad_bytes_per_param=0.0 if on_disk else 1.0, stash_every=n)
     return sum(parts.values())
 
 

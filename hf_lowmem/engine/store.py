@@ -176,6 +176,10 @@ class BlockStore:
     def release(self, k: int, after=None) -> None:
         """Done with block ``k`` once the event ``after`` (its device-to-host write-back) completes."""
 
+    def stash_pool(self, arena, n_layers: int, hidden: int, compute_dtype, grads: str, stash_every: int) -> StashPool:
+        """The pool of the activation stash and the stored gradients (the SSD tier may keep the gradients itself)."""
+        return StashPool(arena, self.layouts, n_layers, hidden, compute_dtype, grads, stash_every)
+
     def bind_save(self, model, original=None, flush=None):
         """The ``save_pretrained`` the model gets: sharded safetensors written from the host buffers."""
         import functools
@@ -230,7 +234,8 @@ def create_store(engine, blocks: list[Block], formats: Formats, arena: HostArena
         return engine.pending is not None and k in engine.pending["todo"]
 
     return FileBlockStore(blocks, formats, arena, group_of, min_quant_size, fp32_state_params,
-                          options=engine.options, device=engine.dev, pending=pending)
+                          options=engine.options, device=engine.dev, pending=pending,
+                          compute_bytes=engine.compute_dtype.itemsize)
 
 
 class StashPool:
@@ -298,6 +303,13 @@ class StashPool:
     def grad_region(self, k: int) -> tuple[int, torch.Tensor]:
         slot, off, nb = self.grad_at[k]
         return slot, self.slots[slot][off: off + nb]
+
+    def grad_out(self, k: int) -> tuple[int, torch.Tensor]:
+        """Where backward puts block ``k``'s gradients (here: the same region the update reads)."""
+        return self.grad_region(k)
+
+    def grad_stored(self, k: int, event) -> None:
+        """Block ``k``'s gradients are being copied into :meth:`grad_out`'s region (done when ``event`` fires)."""
 
     def stash_region(self, slot: int, elem_offset: int, numel: int) -> torch.Tensor:
         return self.slots[slot].view(self.compute_dtype)[elem_offset: elem_offset + numel]

@@ -377,8 +377,8 @@ class StreamEngine:
         if self.pool is None:
             n = preflight.plan_window(self, tokens_per_micro_batch, micro_batches)
             self.stash_every = n
-            self.pool = StashPool(self.arena, self.store.layouts, self.anat.num_layers, self.hidden_size,
-                                  self.compute_dtype, self.formats.grads, n)
+            self.pool = self.store.stash_pool(self.arena, self.anat.num_layers, self.hidden_size, self.compute_dtype,
+                                              self.formats.grads, n)
         elif window_tokens > self.pool.window_tokens:
             self.flush()  # the slots hold pending gradients: apply them before reallocating
             if self.options.check_memory:
@@ -550,7 +550,7 @@ class StreamEngine:
         flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
         for s in lay.slots:
             sumsq = sumsq + torch.linalg.vector_norm(flat[s.offset: s.offset + s.numel], dtype=torch.float32) ** 2
-        slot, region = self.pool.grad_region(k)
+        slot, region = self.pool.grad_out(k)
         after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
         if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
             return sumsq
@@ -565,6 +565,7 @@ class StreamEngine:
             enc = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
             ev = self.dev.to_host(enc, region.view(self.compute_dtype)[: lay.numel], after=after)
         self._slot_write_ev[slot] = ev
+        self.pool.grad_stored(k, ev)
         return sumsq
 
     # ---- the stash -----------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class StreamOptions:
     :param io_threads: threads issuing the SSD tier's reads and writes (each releases the GIL). Default 4.
     :param disk_gbps: the offload disk's sequential bandwidth in GB/s, for the preflight's step-time estimate;
         default: measured once per device with a short direct-I/O probe and cached.
+    :param offload_grads: the SSD tier keeps the stored gradients on the disk too (written behind the backward
+        pass, read with each block in the next forward) instead of host RAM: for models whose gradients alone
+        outgrow the RAM (70B: ~70 GB in 8 bits). Default ``False``.
     """
 
     tier: str = "exact"
@@ -67,6 +70,7 @@ class StreamOptions:
     direct_io: str = "auto"
     io_threads: int = 4
     disk_gbps: float | None = None
+    offload_grads: bool = False
 
     def __post_init__(self):
         for name, allowed in (("tier", TIERS), ("master", MASTERS), ("states", STATES), ("grads", GRADS)):
@@ -75,7 +79,7 @@ class StreamOptions:
         if self.stash_every != "auto":
             _check_int(self, "stash_every", 1)
         _check_int(self, "loss_chunk_tokens", 1)
-        for name in ("check_memory", "profile"):
+        for name in ("check_memory", "profile", "offload_grads"):
             if not isinstance(getattr(self, name), bool):  # "no" is a true string: refuse it instead of guessing
                 raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
         for name in ("gpu_memory", "host_memory"):
@@ -112,6 +116,8 @@ def resolve_formats(opts: StreamOptions | None, optimizer_name: str | None = Non
 
 
 DIRECT_IO = ("auto", "on", "off")
+#: the offload_dir the planner writes into the plans it prints (the user puts a folder on their SSD there)
+PLANNER_DIR = "SSD_FOLDER"
 
 
 def offload_dirs(opts: StreamOptions) -> list[str]:
@@ -130,6 +136,8 @@ def _check_offload(opts: StreamOptions) -> None:
             raise ValueError(f"offload_dir must be a folder (a string) or a list of folders, got {d!r}")
         if len(set(dirs)) != len(dirs):
             raise ValueError(f"offload_dir lists a folder twice: {d!r}; give one folder per disk")
+    if opts.offload_grads is True and d is None:
+        raise ValueError("offload_grads keeps the gradients in the SSD tier's files: set offload_dir too")
     _check_int(opts, "offload_window", 2)
     _check_int(opts, "io_threads", 1)
     if opts.direct_io not in DIRECT_IO:
