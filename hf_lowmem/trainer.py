@@ -106,6 +106,12 @@ class LowMemTrainerMixin:
 
         save_atomically(self, model, trial, super()._save_checkpoint)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load = getattr(self.lowmem_engine, "load_checkpoint", None)
+        if load is not None and load(resume_from_checkpoint):
+            return  # the engine restored the weights itself (the stream engine's SSD tier links its block files)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _save_rng_state(self, output_dir):
         from hf_lowmem.checkpoint import save_rng
 

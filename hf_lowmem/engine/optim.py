@@ -77,6 +77,8 @@ class StreamAdamW(torch.optim.Optimizer):
         """Hyperparameters, per block its step count and state buffers (the host buffers themselves: saving
         copies nothing), the stochastic-rounding generator's state, and, when checkpoints store the model's
         weights in a narrower dtype than the masters (fp32 masters of a bf16 model), the masters."""
+        if getattr(self.store, "file_backed", False):  # the SSD tier: the states are the block files
+            return self.store.optimizer_state(self)
         self.engine.flush()
         groups = []
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -99,6 +101,8 @@ class StreamAdamW(torch.optim.Optimizer):
         optimizer, state format or model is refused with one line naming the first difference."""
         from hf_lowmem.errors import PluginError
 
+        if getattr(self.store, "file_backed", False):
+            return self.store.load_optimizer_state(self, state_dict)
         fix = ("resume with the optimizer and stream options the checkpoint was written with, or start without "
                "resume_from_checkpoint")
         if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:

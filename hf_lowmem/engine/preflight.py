@@ -4,18 +4,29 @@ the run would not get, and choose ``stash_every`` when it is ``auto``.
 Host memory is compared the way the OOM killer counts it: what the process tree (the training process and
 its DataLoader workers, page-locked memory included) uses now plus what the engine is about to allocate,
 against the declared budget (``host_memory`` option, else ``lowmem_host_memory``); without a declared budget,
-what is about to be allocated against the memory the OS reports available (capped by the cgroup limit)."""
+what is about to be allocated against the memory the OS reports available (capped by the cgroup limit).
+
+The SSD tier (``offload_dir``) needs only its window of host buffers; :func:`check_disk` checks the disk instead:
+the space the block files take (refused, with both numbers, when it is not free) and its bandwidth (declared
+``disk_gbps``, else a short direct-I/O probe cached per device), and, at the first window,
+:func:`disk_step_note` says how long a step's disk transfers take and whether the disk sets the pace."""
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import shutil
 from typing import TYPE_CHECKING
 
 import torch
 
 from hf_lowmem.engine import hostmem
 from hf_lowmem.engine.estimate import (
+    disk_seconds,
     estimate_stream_memory,
     smallest_stash_every,
+    ssd_traffic,
     state_bytes,
 )
 from hf_lowmem.engine.store import DTYPES, grad_bytes
@@ -25,6 +36,7 @@ from hf_lowmem.errors import MemoryBudgetError
 if TYPE_CHECKING:  # pragma: no cover
     from hf_lowmem.engine.stream import StreamEngine
 
+logger = logging.getLogger("hf_lowmem")
 GiB = 2**30
 FIX = ("Use the compact tier (lowmem_options={'stream': {'tier': 'compact'}}: bf16 masters, 4-bit states, 8-bit "
        "gradients), a larger stash_every, fewer tokens per accumulation window, or more RAM (if this machine has "
@@ -61,6 +73,13 @@ def check_host(engine: StreamEngine, stage: str, window_tokens: int = 0) -> None
     """``masters``: before adopting the weights (counts what the master buffers add to the model as given);
     ``states``: before allocating optimizer states; ``stash``: before (re)allocating the stash slots."""
     store = engine.store
+    if getattr(store, "file_backed", False) and stage != "stash":  # masters and states live on the disk
+        if stage == "masters":
+            check_disk(engine)
+            extra = store.window * store.buf_bytes
+            if not _fits(engine, extra):
+                _refuse(engine, {f"SSD tier window ({store.window} blocks)": extra}, extra)
+        return
     n = sum(lay.numel for lay in store.layouts)
     if stage == "masters":
         es = torch.empty((), dtype=DTYPES[engine.formats.master]).element_size()
@@ -79,6 +98,82 @@ def check_host(engine: StreamEngine, stage: str, window_tokens: int = 0) -> None
         _refuse(engine, parts, extra)
 
 
+def check_disk(engine: StreamEngine) -> None:
+    """Before the SSD tier writes its files: refuse when a folder's disk lacks the space (both numbers), warn when
+    a checkpoint's copy would not fit beside them, and find each disk's bandwidth (``engine.disk_rates``)."""
+    from hf_lowmem.engine import aio
+
+    store = engine.store
+    need: dict[str, int] = {}
+    for k, path in enumerate(store.paths):
+        need[os.path.dirname(path)] = need.get(os.path.dirname(path), 0) + store.block_bytes[k] + store.grad_size[k]
+    rates: dict[str, tuple[float, float, str]] = {}
+    for d, n in need.items():
+        mine = 0  # this folder's old block files, replaced (their space comes back unless a checkpoint links them)
+        for name in os.listdir(d):
+            if name.startswith(("block-", "grad-")) and name.endswith(".bin"):
+                st = os.stat(os.path.join(d, name))
+                mine += st.st_size if st.st_nlink == 1 else 0
+        free = shutil.disk_usage(d).free + mine
+        if n > free:
+            raise MemoryBudgetError(
+                f"the SSD tier needs {n / GiB:.1f} GiB in {d!r} (master weights and optimizer states of "
+                f"{sum(1 for p in store.paths if os.path.dirname(p) == d)} blocks) but its disk has {free / GiB:.1f} GiB "
+                "free. Free space there, give several folders on several disks (offload_dir=[...]), or use the compact "
+                "tier (tier='compact': bf16 masters, 4-bit states)")
+        if 2 * n > free:
+            logger.warning("hf-lowmem: the SSD tier's files take %.1f GiB of the %.1f GiB free in %s; a checkpoint links "
+                           "them and keeps its own copy once training moves on (%.1f GiB more each: set "
+                           "save_total_limit, or save checkpoints where there is room)", n / GiB, free / GiB, d, n / GiB)
+        if engine.options.disk_gbps:
+            g = float(engine.options.disk_gbps)
+            rates[d] = (g, g, "declared disk_gbps")
+        else:
+            m = aio.measure_bandwidth(d, nbytes=256 << 20, threads=int(engine.options.io_threads))
+            rates[d] = (m["read_gbps"], m["write_gbps"], "probed" + (" (cached)" if m.get("cached") else ""))
+    engine.disk_rates = rates
+
+
+def disk_step_note(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int, stash_every: int) -> dict:
+    """The SSD tier's traffic per optimizer step and the seconds it takes on these disks, logged; on a GPU, beside
+    the window's compute at the planner's rates, with a warning when the disk sets the pace."""
+    from hf_lowmem.engine import aio
+
+    store = engine.store
+    params = [sum(s.numel for s in lay.slots) for lay in store.layouts]
+    traffic = ssd_traffic(params, master_format=engine.formats.master, state_format=engine.formats.states,
+                          window=store.window, stash_every=stash_every,
+                          grad_format=engine.formats.grads if store.offload_grads else None,
+                          compute_bytes=engine.compute_dtype.itemsize)
+    rates = getattr(engine, "disk_rates", None) or {d: (engine.options.disk_gbps or 1.0,) * 2 + ("assumed",)
+                                                  for d in store.dirs}
+    disks = len({aio.device_key(d) for d in rates})
+    r = min(v[0] for v in rates.values())
+    w = min(v[1] for v in rates.values())
+    t_disk = disk_seconds(traffic, r, w, disks=disks)
+    note = {**traffic, "read_gbps": r, "write_gbps": w, "disks": disks, "disk_s": t_disk}
+    msg = (f"hf-lowmem: SSD tier: each optimizer step reads {traffic['read_bytes'] / 1e9:.1f} GB and writes "
+           f"{traffic['write_bytes'] / 1e9:.1f} GB on {disks} disk(s) at {r:.2f} GB/s read, {w:.2f} GB/s write "
+           f"({next(iter(rates.values()))[2]}): {t_disk:.1f} s of disk time per step")
+    if engine.dev.cuda:
+        from hf_lowmem.planner import DEFAULT_DEVICE, TrainSetup
+
+        rate = DEFAULT_DEVICE.flops_rate(TrainSetup(precision="bf16" if engine.compute_dtype == torch.bfloat16 else "fp32"))
+        t_comp = 8 * sum(params) * tokens_per_micro_batch * micro_batches / rate  # forward, recompute, backward
+        note["compute_s"] = t_comp
+        if t_disk > t_comp:
+            hide = math.ceil(micro_batches * t_disk / t_comp)
+            logger.warning("%s, against ~%.1f s of compute (the planner's H200 rates): the disk sets the pace, a step "
+                           "takes about %.1f s. gradient_accumulation_steps=%d (more tokens per window) would hide "
+                           "it, or a faster disk / more disks (offload_dir=[...])", msg, t_comp, t_disk, hide)
+        else:
+            logger.info("%s, hidden behind ~%.1f s of compute", msg, t_comp)
+    else:
+        logger.info("%s", msg)
+    engine.disk_note = note
+    return note
+
+
 def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int, stash_every: int | None) -> dict:
     fm = engine.formats
     cfg = engine.anat.model.config
@@ -90,7 +185,9 @@ def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: i
         tokens_per_micro_batch=tokens_per_micro_batch, micro_batches=micro_batches,
         compute_bytes=torch.empty((), dtype=engine.compute_dtype).element_size(),
         state_format=fm.states, loss_chunk_tokens=engine.options.loss_chunk_tokens, masters_exist=True,
-        master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1)
+        master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1,
+        offload_window=getattr(engine.store, "window", None) if getattr(engine.store, "file_backed", False) else None,
+        offload_grads=getattr(engine.store, "offload_grads", False))
 
 
 def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
@@ -101,8 +198,9 @@ def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
     lays = engine.store.layouts
     # per-parameter bytes from the padded layout, so the figure is what StashPool allocates (to a few KiB)
     per = [grad_bytes(lay.numel, engine.formats.grads, cb) for lay in lays]
+    on_disk = getattr(engine.store, "offload_grads", False)  # the SSD tier keeps them in files
     parts = stash_host_bytes([max(1, p) for p in per], window_tokens * engine.hidden_size * cb,
-                             grad_bytes_per_param=1.0, stash_every=n)
+                             grad_bytes_per_param=0.0 if on_disk else 1.0, stash_every=n)
     return sum(parts.values())
 
 
@@ -150,4 +248,6 @@ def plan_window(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches
                 "available to this process. Use a smaller per_device_train_batch_size (and more "
                 "gradient_accumulation_steps), shorter sequences, or a smaller stash_every. Breakdown (GiB): "
                 + ", ".join(f"{k}={v / GiB:.2f}" for k, v in est["gpu"].items()))
+    if getattr(engine.store, "file_backed", False):
+        disk_step_note(engine, tokens_per_micro_batch, micro_batches, n)
     return n

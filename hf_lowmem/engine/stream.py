@@ -34,7 +34,6 @@ pipeline and the gradient hand-off share the engine's event bookkeeping); storag
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +49,8 @@ from hf_lowmem.engine.device import Device
 from hf_lowmem.engine.estimate import estimate_stream_memory  # noqa: F401  (its historical import path)
 from hf_lowmem.engine.hostmem import HostArena
 from hf_lowmem.engine.optim import StreamAdamW, clip_coefficient
-from hf_lowmem.engine.store import BlockStore, StashPool
+from hf_lowmem.engine.store import StashPool, create_store
 from hf_lowmem.engine.stream_options import resolve_formats
-from hf_lowmem.engine.weights_io import save_pretrained_streaming
 from hf_lowmem.errors import PluginError
 
 logger = logging.getLogger("hf_lowmem")
@@ -144,7 +142,7 @@ class StreamEngine:
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
         self.arena = HostArena(pin=self.dev.cuda)
-        self.store = BlockStore(self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
+        self.store = create_store(self, self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
         if opts.check_memory:
             preflight.check_host(self, "masters")
         self.store.adopt()
@@ -156,8 +154,7 @@ class StreamEngine:
         self.optimizer = StreamAdamW(groups, self, self.store, lr=osp.lr, betas=osp.betas, eps=osp.eps,
                                      weight_decay=osp.weight_decay, seed=spec.seed)
         # checkpoints and save_model: sharded safetensors in the original dtype, written from the host buffers
-        model.save_pretrained = functools.partial(save_pretrained_streaming, model, save_dtype=self.store.save_dtype,
-                                                  original=model.save_pretrained)
+        model.save_pretrained = self.store.bind_save(model, original=model.save_pretrained, flush=self.flush)
 
     def _checkpointing_off(self, model: torch.nn.Module) -> bool:
         """The engine recomputes every layer in backward already; the model's own activation checkpointing
@@ -213,7 +210,14 @@ class StreamEngine:
 
     def discard_pending(self) -> None:
         self.pending = None
+        for f in self._prefetched.values():  # fetched ahead and never used: give the store its blocks back
+            self.store.release(f.k)
         self._prefetched.clear()
+
+    def load_checkpoint(self, folder: str) -> bool:
+        """Restore a checkpoint's weights (the SSD tier links its block files back): ``True``; ``False`` when the
+        Trainer loads them into the parameters itself."""
+        return self.store.load_checkpoint(folder)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -373,8 +377,8 @@ class StreamEngine:
         if self.pool is None:
             n = preflight.plan_window(self, tokens_per_micro_batch, micro_batches)
             self.stash_every = n
-            self.pool = StashPool(self.arena, self.store.layouts, self.anat.num_layers, self.hidden_size,
-                                  self.compute_dtype, self.formats.grads, n)
+            self.pool = self.store.stash_pool(self.arena, self.anat.num_layers, self.hidden_size, self.compute_dtype,
+                                              self.formats.grads, n)
         elif window_tokens > self.pool.window_tokens:
             self.flush()  # the slots hold pending gradients: apply them before reallocating
             if self.options.check_memory:
@@ -402,6 +406,7 @@ class StreamEngine:
         else:
             scales = [_inverse(float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
         n_layers = self.anat.num_layers
+        late = self.store.late_prefetch
 
         # 1. forward, block-major
         with torch.no_grad():
@@ -415,9 +420,12 @@ class StreamEngine:
                 if slot is not None:
                     self._stash(slot, carry, mbs)
                 W = self._load(k)
-                self._prefetch(k + 1)
+                if not late:
+                    self._prefetch(k + 1)
                 with self.dev.segment("forward"):
                     carry = [self._layer(k, W, h, mb) for h, mb in zip(carry, mbs)]
+                if late:  # the SSD tier's fetch may wait for the disk: only once this layer's work is queued
+                    self._prefetch(k + 1)
         # 2. head: loss and its gradient at once
         hk = self.num_blocks - 1
         W = self._load(hk)
@@ -437,7 +445,8 @@ class StreamEngine:
             ks = pool.group_layers(g)
             Ws = {k: self._load(k) for k in reversed(ks)}
             nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
-            self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
+            if not late:
+                self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -453,7 +462,7 @@ class StreamEngine:
                     for (k, n), gr in zip(order, grads[1:]):
                         self._accumulate(k, accs[k], n, gr)
                 del out, grads, h
-            for k in nxt[1:]:
+            for k in nxt if late else nxt[1:]:
                 self._prefetch(k)
             for k in reversed(ks):
                 sumsq = self._store_grads(k, accs[k], sumsq)
@@ -541,7 +550,7 @@ class StreamEngine:
         flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
         for s in lay.slots:
             sumsq = sumsq + torch.linalg.vector_norm(flat[s.offset: s.offset + s.numel], dtype=torch.float32) ** 2
-        slot, region = self.pool.grad_region(k)
+        slot, region = self.pool.grad_out(k)
         after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
         if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
             return sumsq
@@ -556,6 +565,7 @@ class StreamEngine:
             enc = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
             ev = self.dev.to_host(enc, region.view(self.compute_dtype)[: lay.numel], after=after)
         self._slot_write_ev[slot] = ev
+        self.pool.grad_stored(k, ev)
         return sumsq
 
     # ---- the stash -----------------------------------------------------------------------------------
