@@ -102,8 +102,9 @@ class BlockStore:
     """Masters and optimizer states of every block, RAM-backed (see the module docstring)."""
 
     def __init__(self, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
-                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None):
+                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None, world: int = 1, rank: int = 0):
         self.formats, self.arena = formats, arena
+        self.world, self.rank = world, rank  # ranks sharing the blocks (hf_lowmem.engine.dist); this one's index
         self.master_dtype = DTYPES[formats.master]
         keep32 = fp32_state_params or set()
         owner: dict[int, tuple[int, Slot]] = {}
@@ -117,7 +118,7 @@ class BlockStore:
                 owner[id(p)] = (k, s)
                 off += s.padded
                 soff += 0 if q else s.numel
-            lay = BlockLayout(slots, off, soff)
+            lay = BlockLayout(slots, round_up(off, ALIGN * world), soff)  # world equal shards of whole ALIGN blocks
             for name, p in b.shared.items():
                 lay.shared[name] = owner[id(p)]
             self.layouts.append(lay)
@@ -163,6 +164,12 @@ class BlockStore:
     def states(self, k: int) -> dict[str, torch.Tensor]:
         return self._states[k]
 
+    def shard(self, k: int) -> tuple[int, int]:
+        """Flat elements ``[lo, hi)`` of block ``k`` this rank streams, updates and stores gradients for (all of
+        them with one process)."""
+        n = self.layouts[k].numel // self.world
+        return self.rank * n, (self.rank + 1) * n
+
     def acquire(self, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Host views of block ``k``'s masters and states, readable (and writable) until :meth:`release`."""
         return self._masters[k], self._states[k]
@@ -203,7 +210,7 @@ class StashPool:
     """
 
     def __init__(self, arena: HostArena, layouts: list[BlockLayout], n_layers: int, hidden: int,
-                 compute_dtype: torch.dtype, grads: str, stash_every: int):
+                 compute_dtype: torch.dtype, grads: str, stash_every: int, world: int = 1):
         self.arena, self.layouts, self.n_layers, self.hidden = arena, layouts, n_layers, hidden
         self.compute_dtype, self.grads, self.n = compute_dtype, grads, stash_every
         self.cb = torch.empty((), dtype=compute_dtype).element_size()
@@ -215,7 +222,7 @@ class StashPool:
         used = [0] * (self.groups + 2)
         for k, lay in enumerate(layouts):
             slot = self.grad_slot(k)
-            nb = round_up(grad_bytes(lay.numel, grads, self.cb), 512)
+            nb = round_up(grad_bytes(lay.numel // world, grads, self.cb), 512)  # this rank's shard
             self.grad_at[k] = (slot, used[slot], nb)
             used[slot] += nb
         self.grad_slot_bytes = used
