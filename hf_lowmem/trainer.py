@@ -90,6 +90,8 @@ class LowMemTrainerMixin:
         stopper.install()
         try:
             output = super().train(resume_from_checkpoint, trial, *rest, **kwargs)
+            if self.lowmem_engine is not None:  # the last step's deferred update, on every rank
+                self.lowmem_engine.flush()
         except BaseException:
             signals.run_cleanups()
             raise

@@ -69,6 +69,8 @@ def worker(out: Path) -> None:
         private_grad_bytes=sum(nb for _, _, nb in eng.pool.grad_at.values()),
         views=all(p.untyped_storage().data_ptr() == store.master(k).untyped_storage().data_ptr()
                   for k, lay in enumerate(store.layouts) for p in (s.param for s in lay.slots)))
+    if eng.dist.rank == 0:  # after train() every rank's shards are current: rank 0 alone can save (no collective)
+        t.save_model(str(out / "rank0_only"))
     _, results["exact_resume"] = _train(out / "exact_resume", 2, EXACT, resume=str(out / "exact" / "checkpoint-3"))
     rank = int(os.environ["RANK"])
     _, results["compact"] = _train(out / "compact", 2, COMPACT, meta=rank == 1, tied=True)
@@ -141,6 +143,7 @@ def test_two_ranks_train_save_and_resume_like_one_process(tmp_path):
     assert d["exact"]["eval_loss"] == pytest.approx(single["eval_loss"], abs=TOL, rel=0)
     assert _max_diff(_weights(tmp_path / "exact" / "final"), _weights(single_dir / "final")) < TOL
     assert _max_diff(_weights(single_dir / "final"), _initial()) > 1e-3  # it trained
+    assert _max_diff(_weights(tmp_path / "rank0_only"), _weights(tmp_path / "exact" / "final")) == 0
 
     # 3. the 2-rank checkpoint resumes on 2 ranks and on 1 with the uninterrupted losses and weights
     assert d["exact_resume"]["losses"][3:] == pytest.approx(d["exact"]["losses"][3:], abs=TOL, rel=0)
@@ -158,6 +161,55 @@ def test_two_ranks_train_save_and_resume_like_one_process(tmp_path):
     reset_plugin_host()
     _, c1 = _train(tmp_path / "compact_single", 4, COMPACT, tied=True)
     assert c["losses"] == pytest.approx(c1["losses"], abs=0.05)  # lossy tier: close to one process, not equal
+
+
+class _TwinRanks:
+    """What preflight sees from 2 ranks whose figures equal this process's (sums double, minima stay)."""
+
+    world, rank, on = 2, 0, True
+
+    def sum(self, *v):
+        return [2 * x for x in v]
+
+    def min(self, *v):
+        return list(v)
+
+    def max(self, *v):
+        return list(v)
+
+
+def test_preflight_counts_every_rank_and_shared_state_once(tmp_path, monkeypatch):
+    """The host check under 2 ranks: the ranks' process trees summed, each rank's stash counted per rank, the
+    shared masters and states once; a budget one process fits and two do not is refused, saying so."""
+    import pytest
+
+    from hf_lowmem import LowMemTrainer
+    from hf_lowmem.engine import hostmem, preflight
+    from hf_lowmem.engine.estimate import estimate_stream_memory
+    from hf_lowmem.errors import MemoryBudgetError
+    from hf_lowmem.testing import RandomTokens, tiny_model, train_args
+
+    t = LowMemTrainer(model=tiny_model(**MODEL), args=train_args(
+        tmp_path, lowmem_offload=["stream"], lowmem_options={"stream": {"stash_every": 1}}), train_dataset=RandomTokens())
+    eng = t.lowmem_engine
+    tree = hostmem.tree_memory()["pss"]
+    monkeypatch.setattr(hostmem, "tree_memory", lambda pid=None: {"pss": tree})  # a steady figure
+    tokens, mbs = 4096, 4
+    pool = preflight._pool_bytes(eng, tokens * mbs, 1)
+    eng.spec.host_memory = tree * 2 + int(1.5 * pool)
+    assert preflight.plan_window(eng, tokens, mbs) == 1  # one process: its tree + one stash fit
+    eng.dist = _TwinRanks()
+    with pytest.raises(MemoryBudgetError, match=r"on top of the .* GiB this process tree uses \(2 ranks: their "
+                                                 r"process trees summed\)"):
+        preflight.plan_window(eng, tokens, mbs)  # two trees + two stashes do not
+    eng.spec.host_memory = tree * 2 + int(2.5 * pool)
+    assert preflight.plan_window(eng, tokens, mbs) == 1
+    # the memory model: masters and states once, the stash per rank, each rank's shard of stored gradients
+    shape = dict(block_params=[4096, 10000, 10000, 4096], hidden_size=64, intermediate_size=128, vocab_size=64,
+                 tokens_per_micro_batch=1024, micro_batches=4, state_format="fp32", compute_bytes=4)
+    one, two = (estimate_stream_memory(**shape, world=w)["host"] for w in (1, 2))
+    assert two["master_weights"] == one["master_weights"] and two["optimizer_states"] == one["optimizer_states"]
+    assert two["activation_stash"] == 2 * one["activation_stash"]
 
 
 def _rank_env(monkeypatch, mode: str, rank: str) -> None:

@@ -146,6 +146,7 @@ class StreamEngine:
         # the ranks of this run (one: every collective is the identity) and host memory they share
         self.dist = dist_mod.Dist.current(self.dev.device)
         self._inflight: tuple | None = None  # a block's gradient reduction in progress (several ranks)
+        self._synced = True  # every rank's shards are current (no update deferred since the last flush)
         self.arena = dist_mod.SharedArena(self.dist, pin=self.dev.cuda)
         self.store = dist_mod.make_store(self.blocks, self.formats, self.arena, self.dist, group_of,
                                          osp.min_quant_size, keep32)
@@ -209,6 +210,7 @@ class StreamEngine:
             self.apply_pending()
         self.pending = {"lrs": [g["lr"] for g in optimizer.param_groups], "clip": self._clip_coef,
                         "todo": set(range(self.num_blocks))}
+        self._synced = False
         self._clip_coef = 1.0
 
     def profile_totals(self) -> dict[str, float]:
@@ -228,9 +230,13 @@ class StreamEngine:
     @torch.no_grad()
     def flush(self) -> None:
         """Apply any deferred update, so the model's parameters and optimizer states are current. Under several
-        ranks every rank calls it (the Trainer's save does) and it returns when every rank's shards are current."""
+        ranks, while an update is deferred, every rank must call it (``train()`` does at its end, ``save_model`` and
+        checkpoints do); it returns when every rank's shards are current. Once they are, it returns at once."""
+        if self._synced and self.pending is None and not any(f.update for f in self._prefetched.values()):
+            return
         self.apply_pending()
         self.dist.barrier()
+        self._synced = True
 
     @torch.no_grad()
     def apply_pending(self) -> None:
