@@ -40,8 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import random_tokens, step_timer  # noqa: E402
-from hostmem import HostMemSampler  # noqa: E402
+from benchlib import random_tokens, step_timer
+from hostmem import HostMemSampler
 
 GiB = 2**30
 DEFAULT_RUNS = "stream:1,stream:2,ds_z3_offload:2"
@@ -77,7 +77,6 @@ def parse(argv=None) -> argparse.Namespace:
 # ---- one rank ----------------------------------------------------------------------------------------------------
 def _model(cfg, cuda: bool, dtype, meta: bool):
     import torch
-
     from stream_bench import host_model
 
     if not meta:
@@ -91,10 +90,9 @@ def _model(cfg, cuda: bool, dtype, meta: bool):
 
 def worker(a: argparse.Namespace) -> None:
     import torch
-
     from stream_bench import _train_kwargs, ds_z3_offload_config, llama_config
 
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and not a.smoke
     if cuda:
         torch.cuda.set_device(local)
@@ -142,7 +140,7 @@ def worker(a: argparse.Namespace) -> None:
     out = trainer.train()
     steady = timer.times[1:] or timer.times
     step_s = statistics.median(steady)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     row = {"rank": rank, "world_size": world, "step_s_median": round(step_s, 3),
            "step_times_s": [round(t, 2) for t in timer.times],
            "tokens_per_s": round(world * a.mb * a.ga * a.seq / step_s, 1), "train_loss": round(out.training_loss, 4),
@@ -200,22 +198,21 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
     if not a.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     t0 = time.perf_counter()
-    log = open(work / f"{result.name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    hm = HostMemSampler(pid=proc.pid, interval=0.5).start()
     rc: int | str
-    try:
-        with hm.phase("build"):
-            while proc.poll() is None and not Path(f"{result}.built").exists():
-                time.sleep(0.25)
-        with hm.phase("train"):
-            rc = proc.wait(timeout=max(1, a.timeout - (time.perf_counter() - t0)))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        rc = f"timeout after {a.timeout}s"
-    hm.stop()
-    log.close()
+    with open(work / f"{result.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        hm = HostMemSampler(pid=proc.pid, interval=0.5).start()
+        try:
+            with hm.phase("build"):
+                while proc.poll() is None and not Path(f"{result}.built").exists():
+                    time.sleep(0.25)
+            with hm.phase("train"):
+                rc = proc.wait(timeout=max(1, a.timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = f"timeout after {a.timeout}s"
+        hm.stop()
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row.update(hm.result())
     ranks = [json.loads(p.read_text()) for p in sorted(work.glob(f"{result.name}.rank*.json"))]
