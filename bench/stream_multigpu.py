@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--host-gib", type=float, default=44.0, help="host budget declared for the machine (engine runs)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (forked)")
     p.add_argument("--init", default="all", choices=["all", "rank0"], help="which ranks build the model's weights")
-    p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per run (a hung run is killed with its ranks)")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shape: checks the script only")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -200,7 +201,7 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
     t0 = time.perf_counter()
     rc: int | str
     with open(work / f"{result.name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         hm = HostMemSampler(pid=proc.pid, interval=0.5).start()
         try:
             with hm.phase("build"):
@@ -209,7 +210,7 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
             with hm.phase("train"):
                 rc = proc.wait(timeout=max(1, a.timeout - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks (their own session)
             proc.wait()
             rc = f"timeout after {a.timeout}s"
         hm.stop()

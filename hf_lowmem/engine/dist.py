@@ -59,9 +59,9 @@ class Dist:
         self.rank = td.get_rank(group) if self.on else 0
         self.backend = str(td.get_backend(group)) if self.on else None
         self.side = None  # the communicator of the gradient reductions (overlaps the all-gathers)
+        self.nccl = self.on and "nccl" in self.backend  # e.g. "nccl", or "cpu:gloo,cuda:nccl"
         if self.on:
-            self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
-                else torch.device("cpu")
+            self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
             if device is not None and torch.device(device).type != self.comm_device.type:
                 raise PluginError(f"the stream engine computes on {device} but the process group uses {self.backend}, "
                                   f"which communicates {self.comm_device.type} tensors; launch with one GPU per process "
@@ -105,7 +105,7 @@ class Dist:
         import torch.distributed as td
 
         n = full.numel() // self.world
-        out = full[self.rank * n: (self.rank + 1) * n] if self.backend == "nccl" else torch.empty(
+        out = full[self.rank * n: (self.rank + 1) * n] if self.nccl else torch.empty(
             n, dtype=full.dtype, device=full.device)
         scatter = getattr(td, "reduce_scatter_single", None) or td.reduce_scatter_tensor  # renamed in torch 2.13
         work = scatter(out, full, op=td.ReduceOp.SUM, group=self.side, async_op=True)
@@ -160,10 +160,39 @@ class Dist:
         if self.on:
             import torch.distributed as td
 
-            if self.backend == "nccl":
+            if self.nccl:
                 td.barrier(group=self.group, device_ids=[self.comm_device.index])
             else:
                 td.barrier(group=self.group)
+
+
+class GradientReducer:
+    """The reduction of each block's fp32 gradient sums over the ranks, one block in flight: :meth:`start` begins
+    block ``k``'s (asynchronous, on the second communicator) and finishes the previous one, so a reduction runs
+    beside the next block's all-gather and compute; :meth:`finish` waits for it, divides by the number of ranks
+    (sum, then divide: DDP's average) and hands this rank's shard to ``store(k, shard)``. With one process the
+    shard is the whole block and is handed over at once."""
+
+    def __init__(self, dist: Dist, store):
+        self.dist, self.store = dist, store
+        self.inflight: tuple | None = None
+
+    def start(self, k: int, full: torch.Tensor) -> None:
+        shard, work = self.dist.reduce_scatter(full)
+        self.finish()
+        self.inflight = (k, shard, work, full)  # ``full`` stays referenced until the reduction is done
+        if work is None:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.inflight is None:
+            return
+        k, shard, work, _full = self.inflight
+        self.inflight = None
+        if work is not None:
+            work.wait()
+            shard.div_(self.dist.world)
+        self.store(k, shard)
 
 
 # ---- host memory shared by the ranks ------------------------------------------------------------------------------

@@ -27,9 +27,14 @@ All copies run on two side streams (host-to-device, device-to-host), ordered wit
 compute. On a CPU-only run the same code path runs with plain copies, which is what the tests compare
 against a plain ``Trainer``.
 
+Several processes of one machine (``torchrun`` / ``accelerate launch``): every rank runs this schedule on its own
+micro-batches, streams and updates its shard of each block, all-gathers the block's weights and
+reduce-scatters its gradients (:mod:`hf_lowmem.engine.dist`; with one process those are identities).
+
 This module is the schedule only (over 400 lines because forward, head, grouped backward, the fetch/update
 pipeline and the gradient hand-off share the engine's event bookkeeping); storage is in ``store`` and
-``hostmem``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and ``estimate``.
+``hostmem``, the ranks in ``dist``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and
+``estimate``.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ class _Fetch:
         self.host: tuple | None = None
         self.grad: torch.Tensor | None = None
         self.gev: Any = None
-        self.shard: tuple[int, int] = (0, 0)  # flat elements of the block this rank streams (all, with one process)
+        self.shard: tuple[int, int] = (0, 0)  # the flat elements this rank streams (all of them with one process)
 
 
 class _Acc:
@@ -145,7 +150,7 @@ class StreamEngine:
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
         # the ranks of this run (one: every collective is the identity) and host memory they share
         self.dist = dist_mod.Dist.current(self.dev.device)
-        self._inflight: tuple | None = None  # a block's gradient reduction in progress (several ranks)
+        self.reducer = dist_mod.GradientReducer(self.dist, self._store_shard)  # gradients over the ranks
         self._synced = True  # every rank's shards are current (no update deferred since the last flush)
         self.arena = dist_mod.SharedArena(self.dist, pin=self.dev.cuda)
         self.store = dist_mod.make_store(self.blocks, self.formats, self.arena, self.dist, group_of,
@@ -159,6 +164,7 @@ class StreamEngine:
         dist_mod.share_buffers(model, self.dist)
         for m in self.anat.extras:  # e.g. rotary embeddings: buffers only
             m.to(self.dev.device)
+        self.load_checkpoint_optimizer = dist_mod.load_optimizer_and_scheduler  # (trainer, folder): resume, mmap'd
         self.optimizer = StreamAdamW(groups, self, self.store, lr=osp.lr, betas=osp.betas, eps=osp.eps,
                                      weight_decay=osp.weight_decay, seed=spec.seed)
         # checkpoints and save_model: sharded safetensors in the original dtype, written from the host buffers
@@ -218,11 +224,6 @@ class StreamEngine:
         (``options.profile`` only; synchronizes)."""
         return dict(self.dev.profile.collect()) if self.dev.profile is not None else {}
 
-    def load_checkpoint_optimizer(self, trainer: Any, checkpoint: str) -> bool:
-        """Resume the optimizer and LR schedule from a Trainer checkpoint, reading the optimizer state memory-mapped
-        on the CPU (see :func:`hf_lowmem.engine.dist.load_optimizer_and_scheduler`)."""
-        return dist_mod.load_optimizer_and_scheduler(trainer, checkpoint)
-
     def discard_pending(self) -> None:
         self.pending = None
         self._prefetched.clear()
@@ -230,8 +231,8 @@ class StreamEngine:
     @torch.no_grad()
     def flush(self) -> None:
         """Apply any deferred update, so the model's parameters and optimizer states are current. Under several
-        ranks, while an update is deferred, every rank must call it (``train()`` does at its end, ``save_model`` and
-        checkpoints do); it returns when every rank's shards are current. Once they are, it returns at once."""
+        ranks every rank calls it while an update is deferred (``train()`` ends with it, saves do); once every
+        rank's shards are current it returns at once."""
         if self._synced and self.pending is None and not any(f.update for f in self._prefetched.values()):
             return
         self.apply_pending()
@@ -380,19 +381,12 @@ class StreamEngine:
         flat = self.dist.all_gather(f.master if f.master.dtype == cd else f.master.to(cd))
         lay = self.store.layouts[k]
         W = {s.name: flat[s.offset: s.offset + s.numel].view(s.shape) for s in lay.slots}
-        for name, (owner, s) in lay.shared.items():  # a tied weight: gathered from its owner's masters
-            W[name] = self._gather_master(owner)[s.offset: s.offset + s.numel].view(s.shape)
+        for name, (owner, s) in lay.shared.items():  # a tied weight: its owner's masters, every rank its shard
+            t, ev = self.dev.to_device(self.store.master(owner)[slice(*self.store.shard(owner))],
+                                       after=self._master_ev.get(owner))
+            self.dev.wait(ev)
+            W[name] = self.dist.all_gather(t.to(cd))[s.offset: s.offset + s.numel].view(s.shape)
         return W
-
-    def _gather_master(self, k: int) -> torch.Tensor:
-        """Block ``k``'s current masters in the compute dtype on the device (collective), after this rank's last
-        write-back of its shard (the others' updates of theirs arrive through their shards)."""
-        master, _ = self.store.acquire(k)
-        lo, hi = self.store.shard(k)
-        t, ev = self.dev.to_device(master[lo:hi], after=self._master_ev.get(k))
-        self.store.release(k)
-        self.dev.wait(ev)
-        return self.dist.all_gather(t if t.dtype == self.compute_dtype else t.to(self.compute_dtype))
 
     def _prefetch(self, k: int) -> None:
         if 0 <= k < self.num_blocks and k not in self._prefetched:
@@ -406,8 +400,7 @@ class StreamEngine:
     def _ensure_pool(self, tokens_per_micro_batch: int, micro_batches: int, window_tokens: int) -> None:
         """Slots for the stash and gradients of windows of ``window_tokens`` (chosen ``stash_every`` at the first
         window); a larger window later grows them, after applying the updates whose gradients they hold."""
-        # every rank sizes its slots (and chooses stash_every) for the largest window of any rank: the same
-        # schedule, so the same collectives, on every rank
+        # every rank plans for the largest window of any rank: the same schedule (and collectives) everywhere
         tokens_per_micro_batch, micro_batches, window_tokens = (
             int(v) for v in self.dist.max(tokens_per_micro_batch, micro_batches, window_tokens))
         if self.pool is None:
@@ -438,8 +431,7 @@ class StreamEngine:
         # labels are all masked gets zero loss and zero gradients, as a plain Trainer does
         if num_items is not None and self.spec.loss_over_window_items:
             n_items = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-            # the Trainer's loss of one rank: the window's items are counted over all ranks, and the loss is
-            # multiplied by the number of ranks, as gradients are averaged over them (compute_loss)
+            # as the Trainer's compute_loss: items counted over all ranks, times the ranks (gradients are averaged)
             ranks = self.dist.world if self.spec.average_tokens_across_devices else 1
             scales = [_inverse(n_items) * ranks] * B
         else:
@@ -512,7 +504,7 @@ class StreamEngine:
             self._accumulate(0, acc, "weight", gr)
         carry = None
         self._store_grads(0, acc)
-        self._finish_grads()
+        self.reducer.finish()
         self.total_norm = self.dist.all_reduce_(self._sumsq).sqrt()  # the ranks' shards' sums of squares
         self._losses = [loss.detach() for loss in losses]
         self.stats["windows"] += 1
@@ -575,10 +567,9 @@ class StreamEngine:
         acc.flat[s.offset: s.offset + s.numel].view(s.shape).add_(g)
 
     def _store_grads(self, k: int, acc: _Acc) -> None:
-        """Reduce block ``k``'s summed gradients over the ranks (this rank keeps its shard; the identity with one
-        process) and store the shard in host memory (:meth:`_finish_grads`). Under several ranks the reduction runs
-        asynchronously and is finished at the next block's store, so it overlaps that block's compute. A tied
-        weight's gradient from the head waits on the device for its owner."""
+        """Reduce block ``k``'s summed gradients over the ranks and store this rank's shard (:meth:`_store_shard`;
+        see :class:`~hf_lowmem.engine.dist.GradientReducer`). A tied weight's gradient from the head waits on the
+        device for its owner."""
         lay = self.store.layouts[k]
         for name, g in acc.shared.items():
             p = lay.shared[name][1].param
@@ -587,23 +578,11 @@ class StreamEngine:
         if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
             return
         flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
-        shard, work = self.dist.reduce_scatter(flat)
-        self._finish_grads()  # the previous block's reduction
-        self._inflight = (k, shard, work, flat)
-        if work is None:  # one process: nothing to wait for
-            self._finish_grads()
+        self.reducer.start(k, flat)
 
-    def _finish_grads(self) -> None:
-        """Finish the gradient reduction in flight: wait for it, average over the ranks, add the shard's squared
-        norms to the window's sum (clipping sees the true norm), and move the shard to host memory (its slot
-        region), encoded as the formats say."""
-        if self._inflight is None:
-            return
-        k, shard, work, _full = self._inflight
-        self._inflight = None
-        if work is not None:
-            work.wait()
-            shard.div_(self.dist.world)  # sum, then divide: DDP's average
+    def _store_shard(self, k: int, shard: torch.Tensor) -> None:
+        """This rank's reduced shard of block ``k``'s gradients: add its squared norms to the window's sum (clipping
+        sees the true norm) and move it to host memory (its slot region), encoded as the formats say."""
         lay = self.store.layouts[k]
         lo, hi = self.store.shard(k)
         for s in lay.slots:
