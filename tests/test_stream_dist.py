@@ -93,7 +93,7 @@ def launch(args: list[str], tmp_path: Path, config: str = "ddp.yaml", timeout: i
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     if gpu:
         env.update(HF_LOWMEM_TEST_GPU="1", CUDA_VISIBLE_DEVICES="0,1")
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "examples" / "accelerate" / config), "--num_processes", "2", "--mixed_precision", "no",
            "--main_process_port", "0", __file__, *args]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
