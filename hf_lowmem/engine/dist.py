@@ -86,8 +86,8 @@ class Dist:
 
     # ---- tensors on the compute device ---------------------------------------------------------------------
     def all_gather(self, shard: torch.Tensor) -> torch.Tensor:
-        """The ranks' shards, concatenated in rank order (``shard`` itself with one process)."""
-        if not self.on:
+        """The ranks' shards, concatenated in rank order (``shard`` itself with one process, or when empty)."""
+        if not self.on or not shard.numel():
             return shard
         import torch.distributed as td
 
