@@ -88,6 +88,19 @@ def host_model(cfg, cuda: bool, dtype):
     return model
 
 
+def ds_z3_offload_config() -> dict:
+    """DeepSpeed ZeRO-3 with parameters and optimizer states offloaded to pinned CPU memory (shared/bench/peers.py's)."""
+    return {"bf16": {"enabled": True},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                  "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                                  "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
+                                  "stage3_max_reuse_distance": 1e9, "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
+                                  "sub_group_size": 1e9},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
 def _engine_args(a, kw: dict, optimizer: str | None = None):
     from hf_lowmem import LowMemTrainingArguments
 
@@ -175,16 +188,7 @@ def worker(a) -> dict:
             engine = trainer.lowmem_engine
             trainer.add_callback(SteadyProfile(engine))
         elif a.mode == "ds_z3_offload":
-            ds = {"bf16": {"enabled": True},
-                  "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
-                                        "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
-                                        "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
-                                        "stage3_max_reuse_distance": 1e9, "stage3_prefetch_bucket_size": "auto",
-                                        "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
-                                        "sub_group_size": 1e9},
-                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "train_batch_size": "auto", "gradient_clipping": "auto"}
-            kw.update(deepspeed=ds, gradient_checkpointing=True)
+            kw.update(deepspeed=ds_z3_offload_config(), gradient_checkpointing=True)
             args = TrainingArguments(**kw)  # before the model, so zero.Init partitions it at construction
             model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
             trainer = Trainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])

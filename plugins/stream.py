@@ -12,7 +12,7 @@ ENGINE_OPTIMIZERS = ("adamw", "bnb-adamw8bit")
 
 
 class Stream(Plugin):
-    name, kind, engine, options, modes = "stream", "offload", True, StreamOptions, ("single",)
+    name, kind, engine, options, modes = "stream", "offload", True, StreamOptions, ("single", "ddp")
     help = ("weight-streaming engine: masters + optimizer states in host RAM (exact tier: fp32; compact tier: bf16 "
             "masters, 4-bit states), one layer at a time on the GPU, layer-major accumulation windows (7B in 8 GiB)")
     incompatible = {

@@ -19,7 +19,7 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
                            state_format: str = "8bit", loss_chunk_tokens: int = 2048,
                            masters_exist: bool = False, master_format: str = "fp32", grad_format: str = "compute",
                            stash_every: int = 1, offload_window: int | None = None,
-                           offload_grads: bool = False) -> dict:
+                           offload_grads: bool = False, world: int = 1) -> dict:
     """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated, as
     ``torch.cuda.max_memory_allocated`` counts it) and ``host_bytes``, each with a breakdown, plus the total
     of every phase (``gpu_phases``) and the one that sets the peak (``gpu_peak_phase``).
@@ -37,7 +37,12 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     Decoder layers are counted as Llama-style layers (q/k/v/o projections, gated MLP, RMSNorm) with full-width
     k and v, an upper bound for grouped KV heads. The peak of a Llama-2-7B-shaped layer is the backward of a
     decoder layer; checked against ``torch.cuda.max_memory_allocated`` on an H200 in
-    ``tests/test_stream_estimate.py``."""
+    ``tests/test_stream_estimate.py``.
+
+    ``world`` ranks of one machine (:mod:`hf_lowmem.engine.dist`): per GPU, the same phases (each rank computes
+    its own micro-batches with the whole block's weights, gathered) plus, through backward, the fp32 gradient
+    sums of the block whose reduction is in flight; in host memory, masters and states once and, per rank, its
+    stash and the stored gradients of its shards (``host`` is the machine's total)."""
     emb, layers, head = block_params[0], list(block_params[1:-1]), block_params[-1]
     T, H, I, V = tokens_per_micro_batch, hidden_size, intermediate_size, vocab_size
     B = micro_batches
@@ -117,8 +122,9 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     # activations of the n - j layers not yet differentiated + that layer's temporaries, the weight gradients
     # of the j layers above it (held until autograd.grad returns) and its first weight gradient; at the end of
     # autograd.grad all the group's weight gradients (compute dtype) + dh
+    inflight = max(lay, head, emb) * 4 if world > 1 else 0  # a block's fp32 gradient sums being reduced
     base = {"weights": n * lay * cb, "transfer_buffers": max(lay, emb) * mw, "hidden_states": hid + 2 * one,
-            "gradients": shared, "inputs": inputs}
+            "gradients": shared + inflight, "inputs": inputs}
     accs = n * lay * 4 if B > 1 else 0
     starts = {}
     for j in range(n):
@@ -140,13 +146,13 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     # loading a group in backward: the group above's weights and fp32 gradient sums are still referenced
     phases["backward load"] = {
         "weights": max(n * lay * cb, head_w * cb) + cast(max(lay, emb)),
-        "gradients": max(n * lay * 4, head_w * 4) + shared, "transfer_buffers": n * max(lay, emb) * mw,
+        "gradients": max(n * lay * 4, head_w * 4) + shared + inflight, "transfer_buffers": n * max(lay, emb) * mw,
         "hidden_states": hid, "inputs": inputs,
     }
     # the embedding's backward: its weights, fp32 gradient sums (a tied weight's include the head's), the dense
     # gradient of one micro-batch (compute dtype), the embedding output
     phases["embedding backward"] = {
-        "weights": emb * cb, "gradients": emb * 4 + V * H * cb, "hidden_states": hid + one, "inputs": inputs,
+        "weights": emb * cb, "gradients": emb * 4 + V * H * cb + inflight, "hidden_states": hid + one, "inputs": inputs,
         "activations": T * H * 4,  # the CUDA kernel's fp32 partial sums per index segment (at most one per token)
     }
     totals = {k: sum(v.values()) for k, v in phases.items()}
@@ -157,10 +163,11 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
         gpu[key] = gpu.get(key, 0) + int(v)
     gpu = {k: v for k, v in gpu.items() if v}
     gpu["framework"] = 64 * 2**20  # cuBLAS workspaces (allocated through the caching allocator)
+    per_rank = stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=gb / world, stash_every=n)
     host = {
         "master_weights": 0 if masters_exist else int(sum(block_params) * mw),
         "optimizer_states": int(sum(block_params) * sb),
-        **stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=gb, stash_every=n),
+        **{k: v * world for k, v in per_rank.items()},
     }
     disk = None
     if offload_window is not None:
@@ -170,7 +177,8 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
         host["master_weights"] = host["optimizer_states"] = 0
         host["ssd_window"] = disk["window_bytes"]
         if offload_grads:
-            host.update(stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=0, stash_every=n))
+            no_grads = stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=0, stash_every=n)
+            host.update({k: v * world for k, v in no_grads.items()})
     out = {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
            "gpu_peak_phase": peak_phase,
            "gpu_phases": {k: int(v + gpu["framework"]) for k, v in totals.items()}}

@@ -9,7 +9,12 @@ what is about to be allocated against the memory the OS reports available (cappe
 The SSD tier (``offload_dir``) needs only its window of host buffers; :func:`check_disk` checks the disk instead:
 the space the block files take (refused, with both numbers, when it is not free) and its bandwidth (declared
 ``disk_gbps``, else a short direct-I/O probe cached per device), and, at the first window,
-:func:`disk_step_note` says how long a step's disk transfers take and whether the disk sets the pace."""
+:func:`disk_step_note` says how long a step's disk transfers take and whether the disk sets the pace.
+
+Under several ranks of one machine (:mod:`hf_lowmem.engine.dist`) every check is about the machine: the
+process trees of all ranks are summed, what they share (masters, optimizer states) is counted once, what each
+rank allocates for itself (its stash and stored gradients) once per rank, and every rank reaches the same
+verdict from the same all-reduced figures (a refusal on one rank only would leave the others waiting)."""
 
 from __future__ import annotations
 
@@ -48,24 +53,37 @@ def declared_budget(engine: StreamEngine) -> int | None:
                                                                                 "lowmem_host_memory")
 
 
-def _fits(engine: StreamEngine, extra: int) -> bool:
+def host_now(engine: StreamEngine) -> tuple[int, int]:
+    """``(used, available)``: the Pss of this run's process trees (every rank's, summed) and the host memory still
+    available to them (the smallest any rank sees; the cgroup's headroom counts every rank)."""
+    dist = engine.dist
+    tree = int(dist.sum(hostmem.tree_memory()["pss"])[0])
+    avail = hostmem.available_bytes()
+    limit = hostmem.cgroup_memory_limit()
+    if dist.world > 1 and limit is not None:
+        avail = min(avail, max(0, limit - tree))
+    return tree, int(dist.min(avail)[0])
+
+
+def _fits(engine: StreamEngine, extra: int, now: tuple[int, int]) -> bool:
     declared = declared_budget(engine)
     if declared:
-        return hostmem.tree_memory()["pss"] + extra <= declared
-    return extra <= hostmem.available_bytes()
+        return now[0] + extra <= declared
+    return extra <= now[1]
 
 
-def _refuse(engine: StreamEngine, parts: dict[str, float], extra: int) -> None:
+def _refuse(engine: StreamEngine, parts: dict[str, float], extra: int, now: tuple[int, int]) -> None:
     what = ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in parts.items() if v)
     declared = declared_budget(engine)
+    ranks = f" ({engine.dist.world} ranks: their process trees summed)" if engine.dist.world > 1 else ""
     if declared:
-        tree = hostmem.tree_memory()["pss"]
+        tree = now[0]
         msg = (f"the stream engine needs {(tree + extra) / GiB:.1f} GiB of host memory in all: {extra / GiB:.1f} GiB "
-               f"more ({what}) on top of the {tree / GiB:.1f} GiB this process tree uses, but the declared host "
+               f"more ({what}) on top of the {tree / GiB:.1f} GiB this process tree uses{ranks}, but the declared host "
                f"budget is {declared / GiB:.1f} GiB")
     else:
-        msg = (f"the stream engine needs {extra / GiB:.1f} GiB more host memory ({what}), but the memory available "
-               f"now is {hostmem.available_bytes() / GiB:.1f} GiB")
+        msg = (f"the stream engine needs {extra / GiB:.1f} GiB more host memory ({what}{ranks}), but the memory "
+               f"available now is {now[1] / GiB:.1f} GiB")
     raise MemoryBudgetError(f"{msg}. {FIX}.")
 
 
@@ -77,25 +95,30 @@ def check_host(engine: StreamEngine, stage: str, window_tokens: int = 0) -> None
         if stage == "masters":
             check_disk(engine)
             extra = store.window * store.buf_bytes
-            if not _fits(engine, extra):
-                _refuse(engine, {f"SSD tier window ({store.window} blocks)": extra}, extra)
+            now = host_now(engine)
+            if not _fits(engine, extra, now):
+                _refuse(engine, {f"SSD tier window ({store.window} blocks)": extra}, extra, now)
         return
+    world = engine.dist.world
     n = sum(lay.numel for lay in store.layouts)
-    if stage == "masters":
+    if stage == "masters":  # shared by the ranks: once; the models as given: every rank's
         es = torch.empty((), dtype=DTYPES[engine.formats.master]).element_size()
         given = sum(p.numel() * p.element_size() for b in engine.blocks for p in b.params.values() if p.device.type == "cpu")
+        given = int(engine.dist.sum(given)[0])
         extra = max(0, sum(s.numel for lay in store.layouts for s in lay.slots) * es - given)
         parts = {f"{engine.formats.master} master weights (beyond the model as given)": extra}
-    elif stage == "states":
+    elif stage == "states":  # shared: once
         extra = int(n * state_bytes(engine.formats.states))
         parts = {f"{engine.formats.states} optimizer states": extra}
-    else:
+    else:  # each rank's own
         pool_bytes = engine.pool.nbytes(window_tokens)
         old = sum(t.numel() for t in engine.pool.slots)
-        extra = max(0, sum(pool_bytes.values()) - old)
-        parts = {"activation stash": pool_bytes["activation_stash"], "stored gradients": pool_bytes["gradients"]}
-    if not _fits(engine, extra):
-        _refuse(engine, parts, extra)
+        extra = world * max(0, sum(pool_bytes.values()) - old)
+        parts = {"activation stash": world * pool_bytes["activation_stash"],
+                 "stored gradients": world * pool_bytes["gradients"]}
+    now = host_now(engine)
+    if not _fits(engine, extra, now):
+        _refuse(engine, parts, extra, now)
 
 
 def check_disk(engine: StreamEngine) -> None:
@@ -187,17 +210,18 @@ def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: i
         state_format=fm.states, loss_chunk_tokens=engine.options.loss_chunk_tokens, masters_exist=True,
         master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1,
         offload_window=getattr(engine.store, "window", None) if getattr(engine.store, "file_backed", False) else None,
-        offload_grads=getattr(engine.store, "offload_grads", False))
+        offload_grads=getattr(engine.store, "offload_grads", False), world=engine.dist.world)
 
 
 def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
-    """Host bytes of the stash pool with ``stash_every=n`` (see :class:`~hf_lowmem.engine.store.StashPool`)."""
+    """Host bytes of one rank's stash pool with ``stash_every=n`` (see :class:`~hf_lowmem.engine.store.StashPool`):
+    the stash of its own tokens and the stored gradients of its shards."""
     from hf_lowmem.engine.estimate import stash_host_bytes
 
     cb = torch.empty((), dtype=engine.compute_dtype).element_size()
     lays = engine.store.layouts
     # per-parameter bytes from the padded layout, so the figure is what StashPool allocates (to a few KiB)
-    per = [grad_bytes(lay.numel, engine.formats.grads, cb) for lay in lays]
+    per = [grad_bytes(lay.numel // engine.dist.world, engine.formats.grads, cb) for lay in lays]
     on_disk = getattr(engine.store, "offload_grads", False)  # the SSD tier keeps them in files
     parts = stash_host_bytes([max(1, p) for p in per], window_tokens * engine.hidden_size * cb,
                              grad_bytes_per_param=0.0 if on_disk else 1.0, stash_every=n)
@@ -216,7 +240,7 @@ def gpu_budget(engine: StreamEngine) -> int | None:
         frac = torch.cuda.get_per_process_memory_fraction(device)
     except (AttributeError, RuntimeError):
         frac = 1.0
-    return min(free, int(total * frac) - torch.cuda.memory_allocated(device))
+    return int(engine.dist.min(min(free, int(total * frac) - torch.cuda.memory_allocated(device)))[0])  # every rank's
 
 
 def plan_window(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int) -> int:
@@ -227,16 +251,19 @@ def plan_window(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches
     fixed = engine.stash_every
     check = engine.options.check_memory
 
+    world = engine.dist.world
+    now = host_now(engine)
+
     def host_ok(n: int) -> bool:
-        return _fits(engine, _pool_bytes(engine, window_tokens, n))
+        return _fits(engine, world * _pool_bytes(engine, window_tokens, n), now)
 
     if fixed is not None:
         n = fixed
     else:
         n = smallest_stash_every(host_ok, n_layers) or (n_layers if check else 1)
     if check and not host_ok(n):
-        need = _pool_bytes(engine, window_tokens, n)
-        _refuse(engine, {f"activation stash and stored gradients, stash_every={n}": need}, need)
+        need = world * _pool_bytes(engine, window_tokens, n)
+        _refuse(engine, {f"activation stash and stored gradients, stash_every={n}": need}, need, now)
     budget = gpu_budget(engine)
     if check and budget is not None:
         est = estimate(engine, tokens_per_micro_batch, micro_batches, n)

@@ -108,8 +108,9 @@ class BlockStore:
     late_prefetch = False
 
     def __init__(self, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
-                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None):
+                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None, world: int = 1, rank: int = 0):
         self.formats, self.arena = formats, arena
+        self.world, self.rank = world, rank  # ranks sharing the blocks (hf_lowmem.engine.dist); this one's index
         self.master_dtype = DTYPES[formats.master]
         keep32 = fp32_state_params or set()
         owner: dict[int, tuple[int, Slot]] = {}
@@ -123,7 +124,7 @@ class BlockStore:
                 owner[id(p)] = (k, s)
                 off += s.padded
                 soff += 0 if q else s.numel
-            lay = BlockLayout(slots, off, soff)
+            lay = BlockLayout(slots, round_up(off, ALIGN * world), soff)  # world equal shards of whole ALIGN blocks
             for name, p in b.shared.items():
                 lay.shared[name] = owner[id(p)]
             self.layouts.append(lay)
@@ -169,6 +170,12 @@ class BlockStore:
     def states(self, k: int) -> dict[str, torch.Tensor]:
         return self._states[k]
 
+    def shard(self, k: int) -> tuple[int, int]:
+        """Flat elements ``[lo, hi)`` of block ``k`` this rank streams, updates and stores gradients for (all of
+        them with one process)."""
+        n = self.layouts[k].numel // self.world
+        return self.rank * n, (self.rank + 1) * n
+
     def acquire(self, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Host views of block ``k``'s masters and states, readable (and writable) until :meth:`release`."""
         return self._masters[k], self._states[k]
@@ -178,7 +185,7 @@ class BlockStore:
 
     def stash_pool(self, arena, n_layers: int, hidden: int, compute_dtype, grads: str, stash_every: int) -> StashPool:
         """The pool of the activation stash and the stored gradients (the SSD tier may keep the gradients itself)."""
-        return StashPool(arena, self.layouts, n_layers, hidden, compute_dtype, grads, stash_every)
+        return StashPool(arena, self.layouts, n_layers, hidden, compute_dtype, grads, stash_every, world=self.world)
 
     def bind_save(self, model, original=None, flush=None):
         """The ``save_pretrained`` the model gets: sharded safetensors written from the host buffers."""
@@ -223,11 +230,20 @@ class BlockStore:
 
 def create_store(engine, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
                  min_quant_size: int = 4096, fp32_state_params: set[int] | None = None) -> BlockStore:
-    """The engine's store: in host RAM, or in files on a disk when ``offload_dir`` is set (the SSD tier)."""
+    """The engine's store: in host RAM (under several ranks, shards in memory they share:
+    :func:`hf_lowmem.engine.dist.make_store`), or in files on a disk when ``offload_dir`` is set (the SSD tier,
+    one process only: refused under several ranks)."""
+    from hf_lowmem.engine import dist as dist_mod
     from hf_lowmem.engine.stream_options import offload_dirs
 
+    dist = engine.dist
     if not offload_dirs(engine.options):
-        return BlockStore(blocks, formats, arena, group_of, min_quant_size, fp32_state_params)
+        return dist_mod.make_store(blocks, formats, arena, dist, group_of, min_quant_size, fp32_state_params)
+    if dist.world > 1:
+        from hf_lowmem.errors import PluginError
+
+        raise PluginError(f"the SSD tier runs on one process and this run has {dist.world}; drop offload_dir (the "
+                          "RAM tier shares host memory between the ranks) or run one process")
     from hf_lowmem.engine.filestore import FileBlockStore
 
     def pending(k: int) -> bool:
@@ -250,7 +266,7 @@ class StashPool:
     """
 
     def __init__(self, arena: HostArena, layouts: list[BlockLayout], n_layers: int, hidden: int,
-                 compute_dtype: torch.dtype, grads: str, stash_every: int):
+                 compute_dtype: torch.dtype, grads: str, stash_every: int, world: int = 1):
         self.arena, self.layouts, self.n_layers, self.hidden = arena, layouts, n_layers, hidden
         self.compute_dtype, self.grads, self.n = compute_dtype, grads, stash_every
         self.cb = torch.empty((), dtype=compute_dtype).element_size()
@@ -262,7 +278,7 @@ class StashPool:
         used = [0] * (self.groups + 2)
         for k, lay in enumerate(layouts):
             slot = self.grad_slot(k)
-            nb = round_up(grad_bytes(lay.numel, grads, self.cb), 512)
+            nb = round_up(grad_bytes(lay.numel // world, grads, self.cb), 512)  # this rank's shard
             self.grad_at[k] = (slot, used[slot], nb)
             used[slot] += nb
         self.grad_slot_bytes = used
