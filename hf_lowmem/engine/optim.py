@@ -60,9 +60,10 @@ class StreamAdamW(torch.optim.Optimizer):
         if self.formats.master == "bf16":
             self.generator = torch.Generator(device=engine.dev.device)
             self.generator.manual_seed(int(seed) + 0x5EED + 7919 * store.rank)
-        # each rank's generator state, readable by rank 0 when it writes a checkpoint (see publish_generator)
+        # each rank's generator state, readable by rank 0 when it writes a checkpoint (see publish_generator); one
+        # process keeps it out of the arena (whose size the SSD tier's tests bound by its window)
         self._gen_slots = store.arena.shared_buffers([(store.world * GEN_SLOT, torch.uint8)])[0] \
-            if hasattr(store.arena, "shared_buffers") else torch.zeros(GEN_SLOT, dtype=torch.uint8)
+            if store.world > 1 else torch.zeros(GEN_SLOT, dtype=torch.uint8)
         for k, lay in enumerate(store.layouts):  # views for inspection (``optimizer.state[p]``)
             for s in lay.slots:
                 self.state[s.param] = store.param_state_views(k, s)
