@@ -23,18 +23,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_lowmem.engine import aio  # noqa: E402
-from hf_lowmem.sizes import parse_size  # noqa: E402
+from hf_lowmem.engine import aio
+from hf_lowmem.sizes import parse_size
 
 
 def fs_type(path: str) -> str:
     best, typ = "", "?"
     real = os.path.realpath(path)
     try:
-        for line in open("/proc/mounts"):
-            parts = line.split()
-            if len(parts) >= 3 and real.startswith(parts[1]) and len(parts[1]) > len(best):
-                best, typ = parts[1], parts[2]
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) >= 3 and real.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, typ = parts[1], parts[2]
     except OSError:
         pass
     return typ

@@ -302,8 +302,8 @@ def test_ssd_tier_under_two_ranks_is_refused_on_both_at_engine_construction(tmp_
     assert not list((tmp_path / "offload").glob("*.bin"))  # refused before a block file was written
     messages = re.findall(r"\[rank(\d)\]: hf_lowmem\.errors\.PluginError: (.*)", r.stderr)
     assert sorted(rank for rank, _ in messages) == ["0", "1"], r.stderr[-4000:]
-    assert {m for _, m in messages} == {"the SSD tier runs on one process and this run has 2; drop offload_dir (the "
-                                        "RAM tier shares host memory between the ranks) or run one process"}
+    assert {m for _, m in messages} == {("the SSD tier runs on one process and this run has 2; drop offload_dir (the "
+                                         "RAM tier shares host memory between the ranks) or run one process")}
 
 
 def refused(out: Path, ssd: bool = False) -> None:

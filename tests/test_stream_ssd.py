@@ -27,8 +27,8 @@ from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
-KW = dict(max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-2, max_grad_norm=1.0, weight_decay=0.1,
-          lowmem_offload=["stream"])
+KW = {"max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "max_grad_norm": 1.0, "weight_decay": 0.1,
+          "lowmem_offload": ["stream"]}
 
 
 def _ssd(tmp_path, **opts):
@@ -54,7 +54,7 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("window,stash,tied", [(2, 1, False), (3, 2, True), (2, 3, False)],
                          ids=["window2", "window3-stash2-tied", "window2-stash3"])
 def test_ssd_tier_equals_the_ram_tier(tmp_path, window, stash, tied):
-    mk = dict(num_hidden_layers=6, tie_word_embeddings=tied)
+    mk = {"num_hidden_layers": 6, "tie_word_embeddings": tied}
     ram = _run(tmp_path / "ram", {"stream": {"stash_every": stash}}, mk)
     ssd = _run(tmp_path / "ssd", _ssd(tmp_path, offload_window=window, stash_every=stash), mk)
     store = ssd.lowmem_engine.store
@@ -70,7 +70,7 @@ def test_ssd_tier_equals_the_ram_tier(tmp_path, window, stash, tied):
 
 def test_compact_tier_through_the_ssd_equals_the_compact_tier_in_ram(tmp_path):
     pytest.importorskip("bitsandbytes")
-    mk = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128)
+    mk = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128}
     ram = _run(tmp_path / "ram", {"stream": {"tier": "compact"}}, mk)
     ssd = _run(tmp_path / "ssd", {"stream": {**_ssd(tmp_path)["stream"], "tier": "compact"}}, mk)
     assert logged_losses(ram) == logged_losses(ssd)  # same stochastic rounding draws, same 4-bit states
@@ -81,7 +81,7 @@ def test_compact_tier_through_the_ssd_equals_the_compact_tier_in_ram(tmp_path):
 def test_host_memory_is_the_window_of_blocks(tmp_path):
     """Every host buffer the engine allocated (the arena's mappings): the window and the stash pool, nothing
     the size of the model's masters or states."""
-    mk = dict(num_hidden_layers=12, hidden_size=64, intermediate_size=128)
+    mk = {"num_hidden_layers": 12, "hidden_size": 64, "intermediate_size": 128}
     t = _run(tmp_path / "ssd", _ssd(tmp_path, offload_window=3), mk, max_steps=2)
     eng = t.lowmem_engine
     store = eng.store
@@ -118,7 +118,7 @@ def _cached_pages(path: str) -> int:
 def _fs_type(path: Path) -> str:
     best, fs = "", ""
     for line in Path("/proc/mounts").read_text().splitlines():
-        dev, mnt, typ = line.split()[:3]
+        _dev, mnt, typ = line.split()[:3]
         if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
             best, fs = mnt, typ
     return fs
@@ -141,7 +141,7 @@ def test_no_page_cache_is_left_behind(tmp_path, caplog, direct_io):
     caplog.set_level("INFO", logger="hf_lowmem")
     opts = {"stream": {"offload_dir": str(root / f"off-{direct_io}"), "disk_gbps": 2.0, "direct_io": direct_io,
                        "offload_window": 2}}
-    t = _run(tmp_path / "out", opts, dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128))
+    t = _run(tmp_path / "out", opts, {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128})
     store = t.lowmem_engine.store
     store.sync()
     assert store.direct == (direct_io == "auto")
@@ -160,8 +160,8 @@ def test_without_direct_io_support_on_is_refused(tmp_path, monkeypatch):
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
-    mk = dict(num_hidden_layers=4)
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    mk = {"num_hidden_layers": 4}
+    kw = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
     ram = _run(tmp_path / "ram", {}, mk, **kw)
     full = _run(tmp_path / "full", _ssd(tmp_path / "a"), mk, **kw)
     ck = tmp_path / "full" / "checkpoint-3"
@@ -187,7 +187,7 @@ def test_resume_continues_with_the_losses_of_an_uninterrupted_run(tmp_path):
 
 
 def test_a_damaged_block_file_is_refused_when_read(tmp_path):
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     _run(tmp_path / "out", _ssd(tmp_path), **kw)
     bad = tmp_path / "out" / "checkpoint-2" / "offload" / "block-00001.bin"
     with open(bad, "r+b") as f:  # same size, one bit flipped in the master weights
@@ -200,7 +200,7 @@ def test_a_damaged_block_file_is_refused_when_read(tmp_path):
 
 
 def test_a_truncated_block_file_is_refused_before_training(tmp_path):
-    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2}
     _run(tmp_path / "out", _ssd(tmp_path), **kw)
     ck = tmp_path / "out" / "checkpoint-2"
     os.truncate(ck / "offload" / "block-00002.bin", 4096)
@@ -209,7 +209,7 @@ def test_a_truncated_block_file_is_refused_before_training(tmp_path):
 
 
 def test_tiers_do_not_resume_each_others_checkpoints(tmp_path):
-    kw = dict(max_steps=2, save_strategy="steps", save_steps=2)
+    kw = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2}
     _run(tmp_path / "ram", {}, **kw)
     _run(tmp_path / "ssd", _ssd(tmp_path), **kw)
     with pytest.raises(CheckpointError, match="written without offload_dir"):
@@ -239,17 +239,17 @@ CHILD = textwrap.dedent("""
 
 
 def test_a_save_killed_halfway_resumes_from_the_last_complete_checkpoint(tmp_path):
-    kw = dict(max_steps=6, save_strategy="steps", save_steps=2)
+    kw = {"max_steps": 6, "save_strategy": "steps", "save_steps": 2}
     opts = _ssd(tmp_path)
-    ref = _run(tmp_path / "ref", _ssd(tmp_path / "r"), dict(num_hidden_layers=4), **kw)
+    ref = _run(tmp_path / "ref", _ssd(tmp_path / "r"), {"num_hidden_layers": 4}, **kw)
     out = tmp_path / "out"
     code = CHILD.format(repo=str(REPO), out=str(out), kw={**KW, **kw}, opts=opts)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
     assert list((out / ".hf_lowmem-staging").iterdir())  # the partial save the kill left behind
-    again = _run(out, opts, dict(num_hidden_layers=4), resume=True, **kw)
+    again = _run(out, opts, {"num_hidden_layers": 4}, resume=True, **kw)
     assert logged_losses(again)[-4:] == logged_losses(ref)[2:]
     assert not (out / ".hf_lowmem-staging").exists()
 
@@ -284,9 +284,9 @@ def test_one_offload_dir_per_run(tmp_path):
     second = _run(tmp_path / "b", _ssd(tmp_path), max_steps=1)
     assert first.lowmem_engine.store._locks == [] and len(second.lowmem_engine.store._locks) == 1
     second.lowmem_engine.store.close()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+    holder = subprocess.Popen([sys.executable, "-c", ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
                                "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
-                               "time.sleep(120)", str(tmp_path / "offload" / ".hf_lowmem.lock")],
+                               "time.sleep(120)"), str(tmp_path / "offload" / ".hf_lowmem.lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -308,7 +308,7 @@ def test_bandwidth_probe_is_measured_once_per_disk(tmp_path, monkeypatch):
 def test_save_model_writes_safetensors_that_load_with_the_trained_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    t = _run(tmp_path / "out", _ssd(tmp_path, offload_window=2), dict(num_hidden_layers=4), max_steps=2)
+    t = _run(tmp_path / "out", _ssd(tmp_path, offload_window=2), {"num_hidden_layers": 4}, max_steps=2)
     t.save_model(str(tmp_path / "final"))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     assert _max_diff(_weights(t), [p.detach() for p in loaded.parameters()]) == 0
@@ -322,7 +322,7 @@ def test_gradients_on_the_disk_change_nothing(tmp_path, compact):
     if compact:
         pytest.importorskip("bitsandbytes")
     tier = {"tier": "compact"} if compact else {}
-    mk = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, tie_word_embeddings=True)
+    mk = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": True}
     ram = _run(tmp_path / "ram", {"stream": dict(tier)}, mk, max_steps=3, save_strategy="steps", save_steps=2)
     ssd = _run(tmp_path / "ssd", _ssd(tmp_path, offload_grads=True, offload_window=2, **tier), mk, max_steps=3,
                save_strategy="steps", save_steps=2)
