@@ -88,6 +88,19 @@ def host_model(cfg, cuda: bool, dtype):
     return model
 
 
+def ds_z3_offload_config() -> dict:
+    """DeepSpeed ZeRO-3 with parameters and optimizer states offloaded to pinned CPU memory (shared/bench/peers.py's)."""
+    return {"bf16": {"enabled": True},
+            "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                  "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
+                                  "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
+                                  "stage3_max_reuse_distance": 1e9, "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
+                                  "sub_group_size": 1e9},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto"}
+
+
 def _engine_args(a, kw: dict, optimizer: str | None = None):
     from hf_lowmem import LowMemTrainingArguments
 
@@ -98,6 +111,8 @@ def _engine_args(a, kw: dict, optimizer: str | None = None):
         opts["states"] = "fp32"
     else:
         opts["states"] = a.states
+    if getattr(a, "offload_dir", None):  # the SSD tier (bench/ssd_bench.py): masters and states in files there
+        opts["offload_dir"] = a.offload_dir
     host = a.host_gib if a.host_gib else DEFAULT_HOST_GIB[a.mode]
     # declared: the GPU machine's VM reports less RAM available than it has until it is used
     return LowMemTrainingArguments(**kw, lowmem_optimizer=optimizer, lowmem_offload=["stream"], lowmem_options={"stream": opts},
@@ -175,16 +190,7 @@ def worker(a) -> dict:
             engine = trainer.lowmem_engine
             trainer.add_callback(SteadyProfile(engine))
         elif a.mode == "ds_z3_offload":
-            ds = {"bf16": {"enabled": True},
-                  "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
-                                        "offload_optimizer": {"device": "cpu", "pin_memory": True}, "overlap_comm": True,
-                                        "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
-                                        "stage3_max_reuse_distance": 1e9, "stage3_prefetch_bucket_size": "auto",
-                                        "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto",
-                                        "sub_group_size": 1e9},
-                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                  "train_batch_size": "auto", "gradient_clipping": "auto"}
-            kw.update(deepspeed=ds, gradient_checkpointing=True)
+            kw.update(deepspeed=ds_z3_offload_config(), gradient_checkpointing=True)
             args = TrainingArguments(**kw)  # before the model, so zero.Init partitions it at construction
             model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
             trainer = Trainer(model=model, args=args, train_dataset=tokens, callbacks=[timer])
@@ -218,6 +224,12 @@ def worker(a) -> dict:
                    host_budget_gib=a.host_gib or DEFAULT_HOST_GIB[a.mode])
         if cuda:
             row["breakdown_per_step"] = _engine_row(engine, timer)
+        if getattr(engine.store, "file_backed", False):  # the SSD tier: its files, its traffic, its disk
+            st = engine.store
+            row.update(offload_dir=st.dirs, offload_file_gib=round(st.file_bytes() / GiB, 2), direct_io=st.direct,
+                       offload_window=st.window, io_stats={k: round(v, 3) for k, v in st.stats.items()},
+                       disk_note={k: round(v, 3) if isinstance(v, float) else v
+                                  for k, v in (getattr(engine, "disk_note", None) or {}).items()})
     return row
 
 
@@ -344,6 +356,8 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
            "--host-gib", str(a.host_gib or 0), "--workers", str(a.workers), "--out-dir", a.out_dir]
     if a.real_path:
         cmd += ["--real-path", a.real_path, "--real-optimizer", a.real_optimizer]
+    if getattr(a, "offload_dir", None):
+        cmd += ["--offload-dir", a.offload_dir]
     if a.smoke:
         cmd.append("--smoke")
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", CUBLAS_WORKSPACE_CONFIG=":4096:8")
@@ -385,6 +399,7 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the real-path folder (default: removed at the end)")
     p.add_argument("--real-optimizer", default="adamw",
                    help="lowmem_optimizer of the real path (adamw: 4-bit states; bnb-adamw8bit: 8-bit states)")
+    p.add_argument("--offload-dir", default=None, help="engine runs use the SSD tier with this folder (offload_dir)")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--out-dir", default="/tmp/stream_bench_out", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")

@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the GPU's dense bf16 matmul rate for the speed model (default: 784, measured on our H200)")
     p.add_argument("--pcie_gbps", type=float, default=None,
                    help="host<->GPU copy rate per direction, GB/s, for the speed model (default: 55, PCIe Gen5 x16 pinned)")
+    p.add_argument("--disk_size", default=None,
+                   help="free space of a local SSD the stream engine's SSD tier may use, e.g. 2TB (with --disks: each); "
+                        "without it (and --disk_gbps) no SSD tier is planned")
+    p.add_argument("--disk_gbps", type=float, default=None,
+                   help="sequential GB/s of that SSD (e.g. 7 for PCIe Gen4, 14 for Gen5; default 3 when only "
+                        "--disk_size is given)")
+    p.add_argument("--disks", type=int, default=1, help="SSDs of that size and speed, the SSD tier spread over them")
     p.add_argument("--all", action="store_true", help="list every candidate, not only the interesting alternatives")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -99,6 +106,13 @@ def make_plan(a: argparse.Namespace):
             device, name=f"{a.tflops or device.matmul_tflops:g} TFLOP/s, {bw:g} GB/s host<->GPU (given)",
             matmul_tflops=a.tflops or device.matmul_tflops, fp32_tflops=(a.tflops or device.matmul_tflops) / 13,
             h2d_gbps=bw, d2h_gbps=bw, duplex_gbps=1.8 * bw)
+    if a.disk_size or a.disk_gbps:
+        if a.disks < 1:
+            raise PluginError(f"--disks must be at least 1, got {a.disks}")
+        if a.disk_gbps is not None and not a.disk_gbps > 0:
+            raise PluginError(f"--disk_gbps must be a positive number of GB/s, got {a.disk_gbps}")
+        device = dataclasses.replace(device, disk_gbps=a.disk_gbps, disks=a.disks,
+                                     disk_bytes=parse_size(a.disk_size, "--disk_size") if a.disk_size else None)
     return plan_training(shape, setup, gpu, host_b, host=host, require=require, raw_options=raw_options,
                          lossless_only=a.lossless_only, check_installed=not a.assume_installed, device=device)
 

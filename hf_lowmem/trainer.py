@@ -13,6 +13,7 @@ SIGINT stop the run at a step boundary with a checkpoint (:mod:`hf_lowmem.signal
 
 from __future__ import annotations
 
+import functools
 import logging
 from functools import lru_cache
 
@@ -73,6 +74,8 @@ class LowMemTrainerMixin:
                 raise PluginError(f"plugin(s) {names} declare an engine but none was created")
             self.lowmem_engine = engine
             self.accelerator.device_placement = False
+            # an engine reduces gradients itself: never wrap the model in DistributedDataParallel
+            self.accelerator.prepare_model = functools.partial(self.accelerator.prepare_model, evaluation_mode=True)
         announce(ctx, args)  # one line: the active plugins and what they replaced
 
     # ---- training: resume checks, signals --------------------------------------------------------------
@@ -87,6 +90,8 @@ class LowMemTrainerMixin:
         stopper.install()
         try:
             output = super().train(resume_from_checkpoint, trial, *rest, **kwargs)
+            if self.lowmem_engine is not None:  # the last step's deferred update, on every rank
+                self.lowmem_engine.flush()
         except BaseException:
             signals.run_cleanups()
             raise
@@ -108,11 +113,24 @@ class LowMemTrainerMixin:
 
         save_atomically(self, model, trial, super()._save_checkpoint)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load = getattr(self.lowmem_engine, "load_checkpoint", None)
+        if load is not None and load(resume_from_checkpoint):
+            return  # the engine restored the weights itself (the stream engine's SSD tier links its block files)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _save_rng_state(self, output_dir):
         from hf_lowmem.checkpoint import save_rng
 
         super()._save_rng_state(output_dir)
         save_rng(self.lowmem_ctx, output_dir, self.args.process_index, self.args.world_size)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if self.lowmem_engine is not None and checkpoint is not None:
+            load = getattr(self.lowmem_engine, "load_checkpoint_optimizer", None)
+            if load is not None and load(self, checkpoint):  # on the CPU, memory-mapped (the Trainer: every GPU)
+                return None
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     # ---- placement --------------------------------------------------------------------------------
     def _move_model_to_device(self, model, device):

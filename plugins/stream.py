@@ -12,7 +12,7 @@ ENGINE_OPTIMIZERS = ("adamw", "bnb-adamw8bit")
 
 
 class Stream(Plugin):
-    name, kind, engine, options, modes = "stream", "offload", True, StreamOptions, ("single",)
+    name, kind, engine, options, modes = "stream", "offload", True, StreamOptions, ("single", "ddp")
     help = ("weight-streaming engine: masters + optimizer states in host RAM (exact tier: fp32; compact tier: bf16 "
             "masters, 4-bit states), one layer at a time on the GPU, layer-major accumulation windows (7B in 8 GiB)")
     incompatible = {
@@ -55,23 +55,48 @@ class Stream(Plugin):
         f = self.formats(plan)  # the engine's own optimizer: quantized states, bf16 masters or 8-bit gradients are lossy
         return f.states == "fp32" and f.master == "fp32" and f.grads == "compute"
 
+    def plan_variants(self):
+        """The RAM tier as configured, and the SSD tier (exact and compact formats) where the planner was given
+        a disk (``hf-lowmem plan --disk_size ... --disk_gbps ...``); the plan names a placeholder folder."""
+        from hf_lowmem.engine.stream_options import PLANNER_DIR
+
+        return [{}, {"offload_dir": PLANNER_DIR}, {"tier": "compact", "offload_dir": PLANNER_DIR},
+                {"tier": "compact", "offload_dir": PLANNER_DIR, "offload_grads": True}]
+
     def memory_model(self, plan, step):
-        return stream_estimate(plan, self.formats(plan), self.options_for(plan).loss_chunk_tokens)
+        return stream_estimate(plan, self.formats(plan), self.options_for(plan).loss_chunk_tokens,
+                               self.options_for(plan))
 
 
-def stream_estimate(plan, fmt, chunk: int):
+def stream_estimate(plan, fmt, chunk: int, opts=None):
     """The engine's memory (its own model) as a planner estimate, and its speed: per block, host<->GPU
-    copies overlap compute, and the slower of the two sets the pace."""
+    copies overlap compute, and the slower of the two sets the pace; in the SSD tier the disk's transfers
+    overlap the whole step, and they set the pace when they take longer (:func:`ssd_speed`)."""
     from hf_lowmem.engine.stream import estimate_stream_memory
-    from hf_lowmem.planner import GiB, MemoryEstimate, attn_flops, ceiling_seconds, matmul_params
+    from hf_lowmem.engine.stream_options import PLANNER_DIR, offload_dirs
+    from hf_lowmem.planner import (
+        GiB,
+        MemoryEstimate,
+        PlanRefused,
+        attn_flops,
+        ceiling_seconds,
+        matmul_params,
+    )
 
     sh, su, dev = plan.shape, plan.setup, plan.device
     cb = 2 if su.precision != "fp32" else 4
+    dirs = offload_dirs(opts) if opts is not None else []
+    if dirs and dev.disk_bytes is None and dev.disk_gbps is None and dirs == [PLANNER_DIR]:
+        raise PlanRefused("the SSD tier is planned only with a disk: hf-lowmem plan --disk_size ... --disk_gbps ...")
+    if not dirs and getattr(opts, "offload_grads", False):
+        raise PlanRefused("offload_grads needs offload_dir")
     raw = estimate_stream_memory(
         block_params=sh.block_params(), hidden_size=sh.hidden, intermediate_size=sh.intermediate,
         vocab_size=sh.vocab, tokens_per_micro_batch=su.tokens, micro_batches=su.grad_accum, compute_bytes=cb,
         state_format=fmt.states, loss_chunk_tokens=chunk, masters_exist=False, master_format=fmt.master,
-        grad_format=fmt.grads, stash_every=fmt.stash_every or 1)
+        grad_format=fmt.grads, stash_every=fmt.stash_every or 1,
+        offload_window=int(opts.offload_window) if dirs else None,
+        offload_grads=bool(dirs and opts.offload_grads))
     g, h = raw["gpu"], raw["host"]
     names = {"weights": "weights", "gradients": "gradients", "update_staging": "optimizer states",
              "activations": "activations", "hidden_states": "activations", "logits": "logits",
@@ -82,7 +107,8 @@ def stream_estimate(plan, fmt, chunk: int):
         key = names.get(k, k.replace("_", " "))
         gpu[key] = gpu.get(key, 0) + v
     host_names = {"master_weights": "master weights (fp32, pinned)", "optimizer_states": "optimizer states (pinned)",
-                  "activation_stash": "activation stash (pinned)", "gradients": "gradients (pinned)"}
+                  "activation_stash": "activation stash (pinned)", "gradients": "gradients (pinned)",
+                  "ssd_window": "SSD tier window of blocks (pinned)"}
     host = {**dict.fromkeys(host_names.values(), 0), **{host_names.get(k, k.replace("_", " ")): v for k, v in h.items()}}
     host["framework (Python, PyTorch, CUDA libraries)"] = 3 * GiB if su.device == "cuda" else 1 * GiB
     est = MemoryEstimate(gpu={k: int(v) for k, v in gpu.items() if v}, host={k: int(v) for k, v in host.items() if v},
@@ -111,7 +137,44 @@ def stream_estimate(plan, fmt, chunk: int):
     else:
         est.speed_notes.append(f"copies ({t_fwd_copy + t_bwd_copy:.2f} s/step) hidden behind compute "
                                f"({t_fwd_compute + t_bwd_compute:.2f} s/step)")
+    if dirs:
+        ssd_speed(plan, est, raw["disk"], t_fwd_compute + t_bwd_compute + t_opt)
     return est
+
+
+#: sequential GB/s assumed for a disk given without --disk_gbps (a mid-range PCIe Gen3/Gen4 NVMe)
+ASSUMED_DISK_GBPS = 3.0
+
+
+def ssd_speed(plan, est, disk: dict, t_compute: float) -> None:
+    """The SSD tier's step time: its disk transfers run beside the whole step, so the step takes the longer of
+    the two, plus the first block's read, which nothing hides. Refuses (``PlanRefused``) a disk too small."""
+    from hf_lowmem.engine.estimate import disk_seconds
+    from hf_lowmem.planner import PlanRefused, ceiling_seconds
+    from hf_lowmem.sizes import fmt_size
+
+    dev = plan.device
+    n = max(1, int(dev.disks or 1))
+    if dev.disk_bytes is not None and disk["file_bytes"] > dev.disk_bytes * n:
+        raise PlanRefused(f"the SSD tier's files need {fmt_size(disk['file_bytes'])}, the disk(s) have "
+                          f"{fmt_size(dev.disk_bytes * n)}")
+    gbps = dev.disk_gbps or ASSUMED_DISK_GBPS
+    t_disk = disk_seconds(disk, gbps, gbps, n)
+    first = (disk["window_bytes"] / disk["window"]) / (gbps * 1e9)
+    step = max(est.seconds_per_step, t_disk) + first
+    est.seconds_per_step = step
+    est.speed = min(1.0, ceiling_seconds(plan) / step)
+    est.disk = {**disk, "disk_gbps": gbps, "disks": n, "disk_s": t_disk, "compute_s": t_compute,
+                "tb_written_per_1000_steps": disk["write_bytes"] * 1000 / 1e12}
+    where = f"{n} disk{'s' if n > 1 else ''} at {gbps:g} GB/s" + ("" if dev.disk_gbps else " (assumed: give --disk_gbps)")
+    grads = f", gradients {fmt_size(disk['grad_bytes'])}" if disk.get("grad_bytes") else ""
+    est.notes.append(f"SSD tier: {fmt_size(disk['file_bytes'])} of block files (masters {fmt_size(disk['master_bytes'])}, "
+                     f"optimizer states {fmt_size(disk['state_bytes'])}{grads}), each checkpoint as much again once "
+                     f"training moves on")
+    est.speed_notes.append(f"disk: {disk['read_bytes'] / 1e9:.0f} GB read + {disk['write_bytes'] / 1e9:.0f} GB written "
+                           f"per step on {where}: {t_disk:.1f} s against {t_compute:.1f} s of GPU work"
+                           + (" (the disk sets the pace)" if t_disk > t_compute else " (hidden)")
+                           + f"; {est.disk['tb_written_per_1000_steps']:.1f} TB written per 1,000 steps")
 
 
 @hookimpl

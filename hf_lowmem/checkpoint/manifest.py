@@ -185,11 +185,15 @@ def write_manifest(folder: str | os.PathLike, trainer: Any, *, fsync: bool = Tru
     t0 = time.perf_counter()
     files: dict[str, dict[str, Any]] = {}
     total = 0
+    checked = _engine_checked(folder)
     for p in _files(folder):
         size = p.stat().st_size
         total += size
-        files[p.relative_to(folder).as_posix()] = {
-            "size": size, "hash": file_digest(p, algorithm=algorithm, fsync=fsync) if hashing else None}
+        rel = p.relative_to(folder).as_posix()
+        if rel in checked:  # synced and checksummed by the engine that wrote it: not read again here
+            files[rel] = {"size": size, "hash": None, "checked_by": checked[rel]}
+            continue
+        files[rel] = {"size": size, "hash": file_digest(p, algorithm=algorithm, fsync=fsync) if hashing else None}
         if fsync and not hashing:
             _fsync_file(p)
     seconds = time.perf_counter() - t0
@@ -217,6 +221,19 @@ def write_manifest(folder: str | os.PathLike, trainer: Any, *, fsync: bool = Tru
     os.replace(tmp, folder / MANIFEST_NAME)
     logger.info("hf-lowmem: checkpoint manifest of %d files (%.2f GB) in %.2f s", len(files), total / 1e9, seconds)
     return manifest
+
+
+#: a file an engine may write into a checkpoint: ``{"by": who, "files": [relative paths]}`` whose checksums that
+#: engine keeps and checks itself (the stream engine's SSD tier: block files hard-linked from its offload folder)
+ENGINE_CHECKED_NAME = "hf_lowmem_engine_checked.json"
+
+
+def _engine_checked(folder: Path) -> dict[str, str]:
+    try:
+        data = json.loads((folder / ENGINE_CHECKED_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(rel): str(data.get("by", "the engine")) for rel in data.get("files", [])}
 
 
 def _fsync_file(p: Path) -> None:

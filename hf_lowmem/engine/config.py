@@ -50,6 +50,9 @@ class EngineSpec:
     :param loss_over_window_items: the loss is summed over the window and divided by its number of labelled
         tokens (the Trainer's behaviour when the model accepts ``num_items_in_batch``); else each micro-batch's
         mean, divided by the number of micro-batches.
+    :param average_tokens_across_devices: under several ranks, the window's labelled tokens are counted over all
+        of them (the Trainer's default), so each rank's loss is multiplied by the number of ranks before the
+        gradients are averaged, as the Trainer's ``compute_loss`` does.
     :param seed: seeds the stochastic-rounding generator of bf16 masters.
     """
 
@@ -59,6 +62,7 @@ class EngineSpec:
     stream: StreamOptions = field(default_factory=StreamOptions)
     host_memory: str | int | None = None
     loss_over_window_items: bool = True
+    average_tokens_across_devices: bool = True
     seed: int = 0
 
     @classmethod
@@ -85,4 +89,5 @@ class EngineSpec:
                    optimizer=opt, stream=options or StreamOptions(),
                    host_memory=getattr(args, "lowmem_host_memory", None),
                    loss_over_window_items=bool(getattr(trainer, "model_accepts_loss_kwargs", True)),
+                   average_tokens_across_devices=bool(getattr(args, "average_tokens_across_devices", True)),
                    seed=int(getattr(args, "seed", 0) or 0))

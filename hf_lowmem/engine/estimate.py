@@ -18,14 +18,17 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
                            tokens_per_micro_batch: int, micro_batches: int, compute_bytes: int = 2,
                            state_format: str = "8bit", loss_chunk_tokens: int = 2048,
                            masters_exist: bool = False, master_format: str = "fp32", grad_format: str = "compute",
-                           stash_every: int = 1) -> dict:
+                           stash_every: int = 1, offload_window: int | None = None,
+                           offload_grads: bool = False, world: int = 1) -> dict:
     """The stream engine's memory model, in bytes: ``gpu_bytes`` (peak allocated, as
     ``torch.cuda.max_memory_allocated`` counts it) and ``host_bytes``, each with a breakdown, plus the total
     of every phase (``gpu_phases``) and the one that sets the peak (``gpu_peak_phase``).
     ``block_params``: parameters of [embedding, layer 1..N, norm+head] (a tied LM head's weight belongs to
     the embedding, so the last block is then only the norm). ``master_format`` (fp32/bf16), ``state_format``
     (fp32/8bit/4bit), ``grad_format`` (compute/8bit) and ``stash_every`` as the engine's options; the defaults
-    are the exact tier with 8-bit states.
+    are the exact tier with 8-bit states. ``offload_window``: the SSD tier with that many host buffers (masters
+    and states on the disk: see :func:`ssd_traffic`, whose figures are returned as ``disk``); ``offload_grads``:
+    its stored gradients on the disk too.
 
     Each phase counts the device tensors :meth:`StreamEngine._run_window` holds at that moment (a tensor
     counts from its allocation until the last Python reference to it goes, which is when the caching
@@ -34,7 +37,12 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     Decoder layers are counted as Llama-style layers (q/k/v/o projections, gated MLP, RMSNorm) with full-width
     k and v, an upper bound for grouped KV heads. The peak of a Llama-2-7B-shaped layer is the backward of a
     decoder layer; checked against ``torch.cuda.max_memory_allocated`` on an H200 in
-    ``tests/test_stream_estimate.py``."""
+    ``tests/test_stream_estimate.py``.
+
+    ``world`` ranks of one machine (:mod:`hf_lowmem.engine.dist`): per GPU, the same phases (each rank computes
+    its own micro-batches with the whole block's weights, gathered) plus, through backward, the fp32 gradient
+    sums of the block whose reduction is in flight; in host memory, masters and states once and, per rank, its
+    stash and the stored gradients of its shards (``host`` is the machine's total)."""
     emb, layers, head = block_params[0], list(block_params[1:-1]), block_params[-1]
     T, H, I, V = tokens_per_micro_batch, hidden_size, intermediate_size, vocab_size
     B = micro_batches
@@ -114,8 +122,9 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     # activations of the n - j layers not yet differentiated + that layer's temporaries, the weight gradients
     # of the j layers above it (held until autograd.grad returns) and its first weight gradient; at the end of
     # autograd.grad all the group's weight gradients (compute dtype) + dh
+    inflight = max(lay, head, emb) * 4 if world > 1 else 0  # a block's fp32 gradient sums being reduced
     base = {"weights": n * lay * cb, "transfer_buffers": max(lay, emb) * mw, "hidden_states": hid + 2 * one,
-            "gradients": shared, "inputs": inputs}
+            "gradients": shared + inflight, "inputs": inputs}
     accs = n * lay * 4 if B > 1 else 0
     starts = {}
     for j in range(n):
@@ -129,19 +138,21 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     starts["end"] = {"hidden_states": one, "gradients": n * lay * 4 + n * lay * cb}
     for name, extra in starts.items():
         ph = dict(base)
+        if offload_window is not None and name != "end":  # the SSD tier fetches the next group after the micro-batches
+            ph.pop("transfer_buffers")
         for k, v in extra.items():
             ph[k] = ph.get(k, 0) + v
         phases[f"backward ({name})"] = ph
     # loading a group in backward: the group above's weights and fp32 gradient sums are still referenced
     phases["backward load"] = {
         "weights": max(n * lay * cb, head_w * cb) + cast(max(lay, emb)),
-        "gradients": max(n * lay * 4, head_w * 4) + shared, "transfer_buffers": n * max(lay, emb) * mw,
+        "gradients": max(n * lay * 4, head_w * 4) + shared + inflight, "transfer_buffers": n * max(lay, emb) * mw,
         "hidden_states": hid, "inputs": inputs,
     }
     # the embedding's backward: its weights, fp32 gradient sums (a tied weight's include the head's), the dense
     # gradient of one micro-batch (compute dtype), the embedding output
     phases["embedding backward"] = {
-        "weights": emb * cb, "gradients": emb * 4 + V * H * cb, "hidden_states": hid + one, "inputs": inputs,
+        "weights": emb * cb, "gradients": emb * 4 + V * H * cb + inflight, "hidden_states": hid + one, "inputs": inputs,
         "activations": T * H * 4,  # the CUDA kernel's fp32 partial sums per index segment (at most one per token)
     }
     totals = {k: sum(v.values()) for k, v in phases.items()}
@@ -152,14 +163,77 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
         gpu[key] = gpu.get(key, 0) + int(v)
     gpu = {k: v for k, v in gpu.items() if v}
     gpu["framework"] = 64 * 2**20  # cuBLAS workspaces (allocated through the caching allocator)
+    per_rank = stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=gb / world, stash_every=n)
     host = {
         "master_weights": 0 if masters_exist else int(sum(block_params) * mw),
         "optimizer_states": int(sum(block_params) * sb),
-        **stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=gb, stash_every=n),
+        **{k: v * world for k, v in per_rank.items()},
     }
-    return {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
-            "gpu_peak_phase": peak_phase,
-            "gpu_phases": {k: int(v + gpu["framework"]) for k, v in totals.items()}}
+    disk = None
+    if offload_window is not None:
+        disk = ssd_traffic(block_params, master_format=master_format, state_format=state_format,
+                           window=offload_window, stash_every=n, grad_format=grad_format if offload_grads else None,
+                           compute_bytes=cb)
+        host["master_weights"] = host["optimizer_states"] = 0
+        host["ssd_window"] = disk["window_bytes"]
+        if offload_grads:
+            no_grads = stash_host_bytes(block_params, window * H * cb, grad_bytes_per_param=0, stash_every=n)
+            host.update({k: v * world for k, v in no_grads.items()})
+    out = {"gpu_bytes": sum(gpu.values()), "host_bytes": sum(host.values()), "gpu": gpu, "host": host,
+           "gpu_peak_phase": peak_phase,
+           "gpu_phases": {k: int(v + gpu["framework"]) for k, v in totals.items()}}
+    if disk is not None:
+        out["disk"] = disk
+    return out
+
+
+IO_ALIGN = 4096
+
+
+def _aligned(n: float) -> int:
+    return -(-math.ceil(n) // IO_ALIGN) * IO_ALIGN
+
+
+def ssd_block_bytes(n_params: int, *, master_format: str, state_format: str) -> tuple[int, int]:
+    """Bytes of one block's master region and of its states in its file (each region 4 KiB-aligned; the
+    parameters' 256-value alignment inside a block is not counted: a few KiB per block)."""
+    mw = 4 if master_format == "fp32" else 2
+    return _aligned(n_params * mw), _aligned(n_params * state_bytes(state_format))
+
+
+def ssd_traffic(block_params: list[int], *, master_format: str, state_format: str, window: int = 4,
+                stash_every: int = 1, grad_format: str | None = None, compute_bytes: int = 2) -> dict:
+    """Bytes the SSD tier moves per optimizer step (steady state: every block's update deferred to the next
+    forward) and keeps on the disk.
+
+    Forward: each block's masters and states are read and, updated, written back. Backward: each decoder layer's
+    and the embedding's masters are read again, except those still in the window of host buffers when backward
+    starts (the top ``window - 2`` layers: the head and one block in flight take two). With ``grad_format``
+    (``compute`` / ``8bit``: the stored gradients on the disk too) each block's gradients are written in backward
+    and read with the block in the next forward. Returns ``read_bytes``, ``write_bytes``, ``file_bytes`` (the live
+    files; each checkpoint adds its masters and states once training moves on), ``window_bytes`` (host buffers: the
+    window, grown to hold a ``stash_every`` group and the next block, plus two gradient staging buffers) and
+    ``window`` (buffers)."""
+    parts = [ssd_block_bytes(p, master_format=master_format, state_format=state_format) for p in block_params]
+    gb = 0.0 if grad_format is None else (compute_bytes if grad_format == "compute" else 1 + 4 / BLOCK_8BIT)
+    grads = [_aligned(p * gb) if gb else 0 for p in block_params]
+    masters = [m for m, _ in parts]
+    full = [m + s for m, s in parts]
+    layers = masters[1:-1]
+    hits = max(0, min(len(layers), window - 2))
+    backward = sum(layers[: len(layers) - hits]) + masters[0]
+    bufs = max(window, stash_every + 2)
+    return {"read_bytes": sum(full) + backward + sum(grads), "write_bytes": sum(full) + sum(grads),
+            "file_bytes": sum(full) + sum(grads), "window_bytes": bufs * max(f + g for f, g in zip(full, grads))
+            + 2 * max(grads), "window": bufs, "master_bytes": sum(masters), "state_bytes": sum(full) - sum(masters),
+            "grad_bytes": sum(grads)}
+
+
+def disk_seconds(traffic: dict, read_gbps: float, write_gbps: float | None = None, disks: int = 1) -> float:
+    """Seconds of disk transfer per step: reads and writes share each disk (its reads at ``read_gbps``, its writes
+    at ``write_gbps``, default the same), blocks spread evenly over ``disks``."""
+    w = write_gbps or read_gbps
+    return (traffic["read_bytes"] / (read_gbps * 1e9) + traffic["write_bytes"] / (w * 1e9)) / max(1, disks)
 
 
 def stash_host_bytes(block_params: list[int], act_bytes: float, *, grad_bytes_per_param: float,

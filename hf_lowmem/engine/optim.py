@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from hf_lowmem.engine import lowbit
+from hf_lowmem.engine.dist import GEN_SLOT, fp32_pos, state_range, used
+from hf_lowmem.engine.store import ALIGN, BlockStore, Slot
 from hf_lowmem.hyperparams import check_adam_group
-from hf_lowmem.engine.store import ALIGN, BlockLayout, BlockStore, Slot
 
 CHUNK = 1 << 22  # values per chunk of a chunked update (a multiple of both quantization blocks)
 FORMAT = "hf_lowmem.stream/2"
@@ -58,7 +59,11 @@ class StreamAdamW(torch.optim.Optimizer):
         self.generator: torch.Generator | None = None
         if self.formats.master == "bf16":
             self.generator = torch.Generator(device=engine.dev.device)
-            self.generator.manual_seed(int(seed) + 0x5EED)
+            self.generator.manual_seed(int(seed) + 0x5EED + 7919 * store.rank)
+        # each rank's generator state, readable by rank 0 when it writes a checkpoint (see publish_generator); one
+        # process keeps it out of the arena (whose size the SSD tier's tests bound by its window)
+        self._gen_slots = store.arena.shared_buffers([(store.world * GEN_SLOT, torch.uint8)])[0] \
+            if store.world > 1 else torch.zeros(GEN_SLOT, dtype=torch.uint8)
         for k, lay in enumerate(store.layouts):  # views for inspection (``optimizer.state[p]``)
             for s in lay.slots:
                 self.state[s.param] = store.param_state_views(k, s)
@@ -77,7 +82,9 @@ class StreamAdamW(torch.optim.Optimizer):
         """Hyperparameters, per block its step count and state buffers (the host buffers themselves: saving
         copies nothing), the stochastic-rounding generator's state, and, when checkpoints store the model's
         weights in a narrower dtype than the masters (fp32 masters of a bf16 model), the masters."""
-        self.engine.flush()
+        if getattr(self.store, "file_backed", False):  # the SSD tier: the states are the block files
+            return self.store.optimizer_state(self)
+        self.engine.apply_pending()  # this rank's; under several ranks the Trainer's save flushed every rank first
         groups = []
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for g in self.param_groups:
@@ -89,16 +96,21 @@ class StreamAdamW(torch.optim.Optimizer):
             if with_masters:
                 entry["master"] = self.store.master(k)
             blocks.append(entry)
+        gens = self.generator_states()
         return {"format": FORMAT, "formats": {"master": self.formats.master, "states": self.formats.states},
-                "param_groups": groups, "blocks": blocks, "state": {},
-                "generator": self.generator.get_state() if self.generator is not None else None}
+                "param_groups": groups, "blocks": blocks, "state": {}, "world_size": self.store.world,
+                "generator": gens[0] if gens else None, "generators": gens}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Copy a checkpoint's states into the host buffers the engine streams from, in place. Each buffer must
-        have the dtype and size of the one it replaces (8-bit states stay uint8); a checkpoint of another
-        optimizer, state format or model is refused with one line naming the first difference."""
+        """Copy a checkpoint's states into the host buffers the engine streams from, in place (collective under
+        several ranks: each copies what it owns). Each buffer must have the dtype of the one it replaces (8-bit
+        states stay uint8) and hold the same parameters; only the tail padding of the shards may differ, so a
+        checkpoint written by any number of ranks resumes on any other. A checkpoint of another optimizer, state
+        format or model is refused with one line naming the first difference."""
         from hf_lowmem.errors import PluginError
 
+        if getattr(self.store, "file_backed", False):
+            return self.store.load_optimizer_state(self, state_dict)
         fix = ("resume with the optimizer and stream options the checkpoint was written with, or start without "
                "resume_from_checkpoint")
         if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
@@ -112,33 +124,72 @@ class StreamAdamW(torch.optim.Optimizer):
             raise PluginError(f"the checkpoint's optimizer state has {len(blocks)} blocks and "
                               f"{len(state_dict['param_groups'])} parameter groups, this model "
                               f"{len(self.store.layouts)} and {len(self.param_groups)}; {fix}")
+        copies = []  # (source, destination) of what this rank owns
         for k, entry in enumerate(blocks):  # check everything before changing anything
-            mine = self.store.states(k)
+            lay, mine = self.store.layouts[k], self.store.states(k)
             if set(entry["states"]) != set(mine):
                 raise PluginError(f"block {k}: the checkpoint has states {sorted(entry['states'])}, this run "
                                   f"{sorted(mine)}; {fix}")
-            pairs = [(f"state {n!r}", entry["states"][n], mine[n]) for n in mine]
+            theirs = int(entry.get("numel", lay.numel))  # the block's padded length in the checkpoint
+            lo, hi = self.store.shard(k)
+            pairs = [(f"state {n!r}", n, entry["states"][n], mine[n]) for n in mine]
             if "master" in entry:
-                pairs.append(("master weights", entry["master"], self.store.master(k)))
-            for what, src, dst in pairs:
-                if not torch.is_tensor(src) or src.dtype != dst.dtype or src.numel() != dst.numel():
+                pairs.append(("master weights", None, entry["master"], self.store.master(k)))
+            for what, name, src, dst in pairs:
+                packed = name in ("exp_avg", "exp_avg_sq")  # fp32 states are packed: no padding at all
+                want = dst.numel() if packed or not lay.numel else dst.numel() * theirs // lay.numel
+                if not torch.is_tensor(src) or src.dtype != dst.dtype or src.numel() != want or theirs < used(lay):
                     got = f"{src.dtype} x {src.numel()}" if torch.is_tensor(src) else type(src).__name__
                     raise PluginError(f"block {k}, {what}: the checkpoint has {got}, this run keeps "
                                       f"{dst.dtype} x {dst.numel()}; {fix}")
+                a, b = state_range(lay, name, dst, lo, hi) if name else (lo, hi)
+                end = state_range(lay, name, dst, 0, used(lay))[1] if name else used(lay)  # beyond: padding
+                b = min(b, end)
+                if a < b:
+                    copies.append((src.reshape(-1)[a:b], dst[a:b]))
         self.engine.discard_pending()
+        dist = getattr(self.store, "dist", None)
+        if dist is not None:
+            dist.barrier()  # every rank has loaded the checkpoint's weights (which write every shard) by now
+        for src, dst in copies:
+            dst.copy_(src)
         for k, entry in enumerate(blocks):
-            mine = self.store.states(k)
-            for n, src in entry["states"].items():
-                mine[n].copy_(src.reshape(-1))
-            if "master" in entry:
-                self.store.master(k).copy_(entry["master"].reshape(-1))
             self.steps[k] = int(entry["step"])
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             for key, v in saved.items():
                 if key != "params":
                     group[key] = tuple(v) if key == "betas" else v
-        if self.generator is not None and state_dict.get("generator") is not None:
-            self.generator.set_state(state_dict["generator"])
+        gens = state_dict.get("generators") or ([state_dict["generator"]] if state_dict.get("generator") is not None
+                                                 else [])
+        if self.generator is not None and gens:
+            self.generator.set_state(gens[self.store.rank] if len(gens) == self.store.world else gens[0])
+        if dist is not None:
+            dist.barrier()
+
+    def publish_generator(self) -> None:
+        """Write this rank's stochastic-rounding generator state into its slot of the shared buffer, where rank 0
+        reads it when it writes the optimizer state (:meth:`generator_states`)."""
+        if self.generator is None:
+            return
+        state = self.generator.get_state()
+        n = state.numel()
+        if n + 8 > GEN_SLOT:
+            raise RuntimeError(f"a generator state of {n} bytes does not fit its {GEN_SLOT}-byte slot")
+        slot = self._gen_slots[self.store.rank * GEN_SLOT: (self.store.rank + 1) * GEN_SLOT]
+        slot[:8].view(torch.int64).fill_(n)
+        slot[8: 8 + n].copy_(state)
+
+    def generator_states(self) -> list[torch.Tensor]:
+        """Every rank's generator state as last published (rank 0's first); empty without bf16 masters."""
+        if self.generator is None:
+            return []
+        self.publish_generator()
+        out = []
+        for r in range(self.store.world):
+            slot = self._gen_slots[r * GEN_SLOT: (r + 1) * GEN_SLOT]
+            n = int(slot[:8].view(torch.int64).item())
+            out.append(slot[8: 8 + n].clone() if n else self.generator.get_state())
+        return out
 
     # ---- the update, on the device -------------------------------------------------------------------
     def qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,42 +203,49 @@ class StreamAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_block(self, k: int, master: torch.Tensor, states: dict[str, torch.Tensor], grad: torch.Tensor,
-                     lrs: list[float], clip: float) -> None:
-        """One AdamW step of block ``k`` on the device, in place: ``master`` (flat, master dtype), ``states``
-        (flat device copies of the host buffers), ``grad`` (the stored gradient region: compute dtype, or 8-bit
-        codes followed by their scales); ``clip`` scales the gradient (the clipping coefficient)."""
+                     lrs: list[float], clip: float, shard: tuple[int, int] | None = None) -> None:
+        """One AdamW step of flat elements ``shard = (lo, hi)`` of block ``k`` (default: all of them) on the device,
+        in place: ``master`` (those elements, master dtype), ``states`` (device copies of their part of each state
+        buffer), ``grad`` (their stored gradient region: compute dtype, or 8-bit codes followed by their scales);
+        ``clip`` scales the gradient (the clipping coefficient). The arithmetic is elementwise within quantization
+        blocks, so an update split between ranks equals one of the whole block."""
         self.steps[k] += 1
         lay = self.store.layouts[k]
+        lo, hi = shard or (0, lay.numel)
+        pos = fp32_pos(lay, lo)
         for s in lay.slots:
+            if s.offset >= hi or s.offset + s.padded <= lo:
+                continue
             g = self.param_groups[s.group]
-            self._update_slot(lay, s, master, states, grad, step=self.steps[k], lr=lrs[s.group], clip=clip,
+            self._update_slot(s, master, states, grad, (lo, hi, pos), step=self.steps[k], lr=lrs[s.group], clip=clip,
                               betas=g["betas"], eps=g["eps"], wd=g["weight_decay"])
 
-    def _grad_chunk(self, lay: BlockLayout, grad: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """fp32 gradient of flat elements [lo, hi) of the block."""
+    def _grad_chunk(self, grad: torch.Tensor, n: int, lo: int, hi: int) -> torch.Tensor:
+        """fp32 gradient of elements [lo, hi) of a stored gradient region of ``n`` elements."""
         if self.formats.grads == "8bit":
-            n = lay.numel
             absmax = grad[n: n + n // lowbit.BLOCK_8BIT * 4].view(torch.float32)
             return lowbit.dequantize_8bit(grad[lo:hi], absmax[lo // lowbit.BLOCK_8BIT: hi // lowbit.BLOCK_8BIT])
         return grad.view(self.engine.compute_dtype)[lo:hi].float()
 
-    def _update_slot(self, lay: BlockLayout, s: Slot, master, states, grad, *, step, lr, clip, betas, eps, wd) -> None:
+    def _update_slot(self, s: Slot, master, states, grad, shard, *, step, lr, clip, betas, eps, wd) -> None:
         fm = self.formats
+        lo, hi, pos = shard  # the buffers hold flat elements [lo, hi); packed fp32 states from index pos
         chunked = fm.master != "fp32" or fm.grads != "compute" or (s.quantized and fm.states == "4bit")
         # the exact path works on the parameter itself (one chunk); chunked formats on aligned chunks of its
         # padded range (quantization blocks, 8-bit gradient blocks), at most CHUNK values each
         span = s.padded if (chunked or s.quantized) else s.numel
         step_len = CHUNK if chunked else span
-        for lo in range(0, span, step_len):
-            hi = min(span, lo + step_len)
-            a, b = s.offset + lo, s.offset + hi
-            real = max(0, min(hi, s.numel) - lo)  # values of the parameter in this chunk (the rest is padding)
-            g = self._grad_chunk(lay, grad, a, b)
+        first, last = max(0, lo - s.offset), min(span, hi - s.offset)  # the part of the parameter in the shard
+        for c in range(first, last, step_len):
+            ce = min(last, c + step_len)
+            a, b = s.offset + c - lo, s.offset + ce - lo
+            real = max(0, min(ce, s.numel) - c)  # values of the parameter in this chunk (the rest is padding)
+            g = self._grad_chunk(grad, hi - lo, a, b)
             w = master[a:b]
             w32 = w if w.dtype == torch.float32 else w.float()
             if not s.quantized:
-                m = states["exp_avg"][s.soff + lo: s.soff + lo + real]
-                v = states["exp_avg_sq"][s.soff + lo: s.soff + lo + real]
+                m = states["exp_avg"][s.soff + c - pos: s.soff + c - pos + real]
+                v = states["exp_avg_sq"][s.soff + c - pos: s.soff + c - pos + real]
                 if clip != 1.0:
                     g.mul_(clip)
                 from torch.optim.adamw import adamw

@@ -8,8 +8,10 @@ way. Every parameter starts at a multiple of :data:`ALIGN` elements, so quantiza
 rank's shard of a block is a contiguous slice, and a block is one region of a file.
 
 :class:`BlockStore` holds masters and states behind ``acquire(k)`` / ``release(k)``: RAM-backed here (both
-are no-ops). A file-backed tier (states or masters on an SSD) or a rank-sharded store implements the same
-four methods (``acquire``, ``release``, ``master``, ``states``) without touching the schedule.
+are no-ops). The SSD tier (:class:`~hf_lowmem.engine.filestore.FileBlockStore`, chosen by :func:`create_store`
+when ``offload_dir`` is set) or a rank-sharded store implements the same four methods (``acquire``,
+``release``, ``master``, ``states``) without touching the schedule, plus how the model is saved
+(``bind_save``) and how a checkpoint's weights come back (``load_checkpoint``).
 
 :class:`StashPool` holds what lives only for one window: the activation stash and the stored gradients, in
 shared slots (see its docstring).
@@ -101,9 +103,14 @@ def grad_bytes(numel: int, grads: str, compute_bytes: int) -> int:
 class BlockStore:
     """Masters and optimizer states of every block, RAM-backed (see the module docstring)."""
 
+    #: the engine fetches the next block only after queueing the current one's compute (a store whose ``acquire``
+    #: may wait for a disk read); else before it, so that its copy overlaps the compute
+    late_prefetch = False
+
     def __init__(self, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
-                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None):
+                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None, world: int = 1, rank: int = 0):
         self.formats, self.arena = formats, arena
+        self.world, self.rank = world, rank  # ranks sharing the blocks (hf_lowmem.engine.dist); this one's index
         self.master_dtype = DTYPES[formats.master]
         keep32 = fp32_state_params or set()
         owner: dict[int, tuple[int, Slot]] = {}
@@ -117,7 +124,7 @@ class BlockStore:
                 owner[id(p)] = (k, s)
                 off += s.padded
                 soff += 0 if q else s.numel
-            lay = BlockLayout(slots, off, soff)
+            lay = BlockLayout(slots, round_up(off, ALIGN * world), soff)  # world equal shards of whole ALIGN blocks
             for name, p in b.shared.items():
                 lay.shared[name] = owner[id(p)]
             self.layouts.append(lay)
@@ -163,12 +170,42 @@ class BlockStore:
     def states(self, k: int) -> dict[str, torch.Tensor]:
         return self._states[k]
 
+    def shard(self, k: int) -> tuple[int, int]:
+        """Flat elements ``[lo, hi)`` of block ``k`` this rank streams, updates and stores gradients for (all of
+        them with one process)."""
+        n = self.layouts[k].numel // self.world
+        return self.rank * n, (self.rank + 1) * n
+
     def acquire(self, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Host views of block ``k``'s masters and states, readable (and writable) until :meth:`release`."""
         return self._masters[k], self._states[k]
 
     def release(self, k: int, after=None) -> None:
         """Done with block ``k`` once the event ``after`` (its device-to-host write-back) completes."""
+
+    def stash_pool(self, arena, n_layers: int, hidden: int, compute_dtype, grads: str, stash_every: int) -> StashPool:
+        """The pool of the activation stash and the stored gradients (the SSD tier may keep the gradients itself)."""
+        return StashPool(arena, self.layouts, n_layers, hidden, compute_dtype, grads, stash_every, world=self.world)
+
+    def bind_save(self, model, original=None, flush=None):
+        """The ``save_pretrained`` the model gets: sharded safetensors written from the host buffers."""
+        import functools
+
+        from hf_lowmem.engine.weights_io import save_pretrained_streaming
+
+        return functools.partial(save_pretrained_streaming, model, save_dtype=self.save_dtype, original=original)
+
+    def load_checkpoint(self, folder: str) -> bool:
+        """Restore a checkpoint's weights here (``True``), or leave it to the Trainer (``False``: the parameters are
+        views of the master buffers, so its weight loading writes straight into them)."""
+        import os
+
+        if os.path.isdir(os.path.join(folder, "offload")):
+            from hf_lowmem.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint {folder!r} was written by the SSD tier (its weights and states are in "
+                                  "offload/); resume it with the same lowmem_options stream offload_dir setting")
+        return False
 
     # ---- accounting -----------------------------------------------------------------------------------------
     def nbytes(self) -> dict[str, int]:
@@ -191,6 +228,32 @@ class BlockStore:
         return out
 
 
+def create_store(engine, blocks: list[Block], formats: Formats, arena: HostArena, group_of: dict[int, int],
+                 min_quant_size: int = 4096, fp32_state_params: set[int] | None = None) -> BlockStore:
+    """The engine's store: in host RAM (under several ranks, shards in memory they share:
+    :func:`hf_lowmem.engine.dist.make_store`), or in files on a disk when ``offload_dir`` is set (the SSD tier,
+    one process only: refused under several ranks)."""
+    from hf_lowmem.engine import dist as dist_mod
+    from hf_lowmem.engine.stream_options import offload_dirs
+
+    dist = engine.dist
+    if not offload_dirs(engine.options):
+        return dist_mod.make_store(blocks, formats, arena, dist, group_of, min_quant_size, fp32_state_params)
+    if dist.world > 1:
+        from hf_lowmem.errors import PluginError
+
+        raise PluginError(f"the SSD tier runs on one process and this run has {dist.world}; drop offload_dir (the "
+                          "RAM tier shares host memory between the ranks) or run one process")
+    from hf_lowmem.engine.filestore import FileBlockStore
+
+    def pending(k: int) -> bool:
+        return engine.pending is not None and k in engine.pending["todo"]
+
+    return FileBlockStore(blocks, formats, arena, group_of, min_quant_size, fp32_state_params,
+                          options=engine.options, device=engine.dev, pending=pending,
+                          compute_bytes=engine.compute_dtype.itemsize)
+
+
 class StashPool:
     """Host memory of one window: the activation stash and the stored gradients, sharing slots.
 
@@ -203,7 +266,7 @@ class StashPool:
     """
 
     def __init__(self, arena: HostArena, layouts: list[BlockLayout], n_layers: int, hidden: int,
-                 compute_dtype: torch.dtype, grads: str, stash_every: int):
+                 compute_dtype: torch.dtype, grads: str, stash_every: int, world: int = 1):
         self.arena, self.layouts, self.n_layers, self.hidden = arena, layouts, n_layers, hidden
         self.compute_dtype, self.grads, self.n = compute_dtype, grads, stash_every
         self.cb = torch.empty((), dtype=compute_dtype).element_size()
@@ -215,7 +278,7 @@ class StashPool:
         used = [0] * (self.groups + 2)
         for k, lay in enumerate(layouts):
             slot = self.grad_slot(k)
-            nb = round_up(grad_bytes(lay.numel, grads, self.cb), 512)
+            nb = round_up(grad_bytes(lay.numel // world, grads, self.cb), 512)  # this rank's shard
             self.grad_at[k] = (slot, used[slot], nb)
             used[slot] += nb
         self.grad_slot_bytes = used
@@ -256,6 +319,13 @@ class StashPool:
     def grad_region(self, k: int) -> tuple[int, torch.Tensor]:
         slot, off, nb = self.grad_at[k]
         return slot, self.slots[slot][off: off + nb]
+
+    def grad_out(self, k: int) -> tuple[int, torch.Tensor]:
+        """Where backward puts block ``k``'s gradients (here: the same region the update reads)."""
+        return self.grad_region(k)
+
+    def grad_stored(self, k: int, event) -> None:
+        """Block ``k``'s gradients are being copied into :meth:`grad_out`'s region (done when ``event`` fires)."""
 
     def stash_region(self, slot: int, elem_offset: int, numel: int) -> torch.Tensor:
         return self.slots[slot].view(self.compute_dtype)[elem_offset: elem_offset + numel]

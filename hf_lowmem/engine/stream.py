@@ -27,14 +27,18 @@ All copies run on two side streams (host-to-device, device-to-host), ordered wit
 compute. On a CPU-only run the same code path runs with plain copies, which is what the tests compare
 against a plain ``Trainer``.
 
+Several processes of one machine (``torchrun`` / ``accelerate launch``): every rank runs this schedule on its own
+micro-batches, streams and updates its shard of each block, all-gathers the block's weights and
+reduce-scatters its gradients (:mod:`hf_lowmem.engine.dist`; with one process those are identities).
+
 This module is the schedule only (over 400 lines because forward, head, grouped backward, the fetch/update
 pipeline and the gradient hand-off share the engine's event bookkeeping); storage is in ``store`` and
-``hostmem``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and ``estimate``.
+``hostmem``, the ranks in ``dist``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and
+``estimate``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -43,16 +47,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from hf_lowmem.engine import dist as dist_mod
 from hf_lowmem.engine import lowbit, preflight
 from hf_lowmem.engine.anatomy import Anatomy, Block, find_anatomy
 from hf_lowmem.engine.config import EngineSpec
 from hf_lowmem.engine.device import Device
 from hf_lowmem.engine.estimate import estimate_stream_memory  # noqa: F401  (its historical import path)
-from hf_lowmem.engine.hostmem import HostArena
 from hf_lowmem.engine.optim import StreamAdamW, clip_coefficient
-from hf_lowmem.engine.store import BlockStore, StashPool
+from hf_lowmem.engine.store import StashPool, create_store
 from hf_lowmem.engine.stream_options import resolve_formats
-from hf_lowmem.engine.weights_io import save_pretrained_streaming
 from hf_lowmem.errors import PluginError
 
 logger = logging.getLogger("hf_lowmem")
@@ -85,7 +88,7 @@ class _Fetch:
         self.host: tuple | None = None
         self.grad: torch.Tensor | None = None
         self.gev: Any = None
-        self.shared: list[tuple[str, Any, torch.Tensor, Any]] = []
+        self.shard: tuple[int, int] = (0, 0)  # the flat elements this rank streams (all of them with one process)
 
 
 class _Acc:
@@ -143,21 +146,26 @@ class StreamEngine:
         groups = osp.param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         group_of = {id(p): gi for gi, g in enumerate(groups) for p in g["params"]}
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
-        self.arena = HostArena(pin=self.dev.cuda)
-        self.store = BlockStore(self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
+        # the ranks of this run (one: every collective is the identity) and host memory they share
+        self.dist = dist_mod.Dist.current(self.dev.device)
+        self.reducer = dist_mod.GradientReducer(self.dist, self._store_shard)  # gradients over the ranks
+        self._synced = True  # every rank's shards are current (no update deferred since the last flush)
+        self.arena = dist_mod.SharedArena(self.dist, pin=self.dev.cuda)
+        self.store = create_store(self, self.blocks, self.formats, self.arena, group_of, osp.min_quant_size, keep32)
         if opts.check_memory:
             preflight.check_host(self, "masters")
         self.store.adopt()
         if opts.check_memory:
             preflight.check_host(self, "states")
         self.store.allocate_states()
+        dist_mod.share_buffers(model, self.dist)
         for m in self.anat.extras:  # e.g. rotary embeddings: buffers only
             m.to(self.dev.device)
+        self.load_checkpoint_optimizer = dist_mod.load_optimizer_and_scheduler  # (trainer, folder): resume, mmap'd
         self.optimizer = StreamAdamW(groups, self, self.store, lr=osp.lr, betas=osp.betas, eps=osp.eps,
                                      weight_decay=osp.weight_decay, seed=spec.seed)
         # checkpoints and save_model: sharded safetensors in the original dtype, written from the host buffers
-        model.save_pretrained = functools.partial(save_pretrained_streaming, model, save_dtype=self.store.save_dtype,
-                                                  original=model.save_pretrained)
+        model.save_pretrained = self.store.bind_save(model, original=model.save_pretrained, flush=self.flush)
 
     def _checkpointing_off(self, model: torch.nn.Module) -> bool:
         """The engine recomputes every layer in backward already; the model's own activation checkpointing
@@ -201,9 +209,10 @@ class StreamEngine:
 
     def record_optimizer_step(self, optimizer: StreamAdamW) -> None:
         if self.pending is not None:
-            self.flush()
+            self.apply_pending()
         self.pending = {"lrs": [g["lr"] for g in optimizer.param_groups], "clip": self._clip_coef,
                         "todo": set(range(self.num_blocks))}
+        self._synced = False
         self._clip_coef = 1.0
 
     def profile_totals(self) -> dict[str, float]:
@@ -213,16 +222,35 @@ class StreamEngine:
 
     def discard_pending(self) -> None:
         self.pending = None
+        for f in self._prefetched.values():  # fetched ahead and never used: give the store its blocks back
+            self.store.release(f.k)
         self._prefetched.clear()
+
+    def load_checkpoint(self, folder: str) -> bool:
+        """Restore a checkpoint's weights (the SSD tier links its block files back): ``True``; ``False`` when the
+        Trainer loads them into the parameters itself."""
+        return self.store.load_checkpoint(folder)
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Apply any deferred update, so the model's parameters and optimizer states are current."""
+        """Apply any deferred update, so the model's parameters and optimizer states are current. Under several
+        ranks every rank calls it while an update is deferred (``train()`` ends with it, saves do); once every
+        rank's shards are current it returns at once."""
+        if self._synced and self.pending is None and not any(f.update for f in self._prefetched.values()):
+            return
+        self.apply_pending()
+        self.dist.barrier()
+        self._synced = True
+
+    @torch.no_grad()
+    def apply_pending(self) -> None:
+        """:meth:`flush` of this rank's shards only (no collective)."""
         for k in sorted(self._prefetched):  # fetched ahead, possibly with an update in flight
-            self._materialize(self._prefetched.pop(k))
+            self._materialize(self._prefetched.pop(k), gather=False)
         while self.pending is not None:
-            self._materialize(self._fetch(min(self.pending["todo"])))
+            self._materialize(self._fetch(min(self.pending["todo"])), gather=False)
         self.dev.synchronize()
+        self.optimizer.publish_generator()
 
     @torch.no_grad()
     def eval_loss(self, inputs: dict) -> torch.Tensor:
@@ -317,10 +345,11 @@ class StreamEngine:
         f = _Fetch(k, update, self.pending["lrs"] if update else None, self.pending["clip"] if update else 1.0)
         f.host = self.store.acquire(k)
         master, states = f.host
+        f.shard = lo, hi = self.store.shard(k)
         # the first copy waits for the block's last write-back; the others queue behind it on the same stream
-        f.master, f.ev = self.dev.to_device(master, after=self._master_ev.get(k))
+        f.master, f.ev = self.dev.to_device(master[lo:hi], after=self._master_ev.get(k))
         if update:
-            for name, t in states.items():
+            for name, t in dist_mod.shard_views(self.store.layouts[k], states, lo, hi).items():
                 f.states[name] = self.dev.to_device(t)[0]
             slot, region = self.pool.grad_region(k)
             f.grad, f.gev = self.dev.to_device(region, after=self._slot_write_ev.get(slot))
@@ -328,34 +357,38 @@ class StreamEngine:
             self.pending["todo"].discard(k)
             if not self.pending["todo"]:
                 self.pending = None
-        for name, (owner, s) in self.store.layouts[k].shared.items():  # a tied weight: the owner's master
-            src = self.store.master(owner)[s.offset: s.offset + s.numel]
-            t, ev = self.dev.to_device(src, after=self._master_ev.get(owner))
-            f.shared.append((name, s, t, ev))
         return f
 
-    def _materialize(self, f: _Fetch) -> dict[str, torch.Tensor]:
-        """Wait for a fetch, apply its pending update on the device, write the new masters and states back
-        (device-to-host, in the background), and return the block's weights in the compute dtype."""
+    def _materialize(self, f: _Fetch, gather: bool = True) -> dict[str, torch.Tensor] | None:
+        """Wait for a fetch, apply its pending update to this rank's shard on the device, write the shard's new
+        masters and states back (device-to-host, in the background), and (``gather``) return the block's weights
+        in the compute dtype: the ranks' shards all-gathered (collective; the shard itself with one process)."""
         k, cd = f.k, self.compute_dtype
+        lo, hi = f.shard
         self.dev.wait(f.ev)
         if f.update:
             self.dev.wait(f.gev)
             with self.dev.segment("optimizer"):
-                self.optimizer.update_block(k, f.master, f.states, f.grad, f.lrs, f.clip)
+                self.optimizer.update_block(k, f.master, f.states, f.grad, f.lrs, f.clip, shard=f.shard)
             master, states = f.host
-            self.dev.to_host(f.master, master)
+            self.dev.to_host(f.master, master[lo:hi])
+            host_states = dist_mod.shard_views(self.store.layouts[k], states, lo, hi)
             for name, t in f.states.items():
-                self.dev.to_host(t, states[name])
+                self.dev.to_host(t, host_states[name])
             self._master_ev[k] = ev = self.dev.record(self.dev.d2h)
             self.store.release(k, after=ev)
         else:
             self.store.release(k)
-        flat = f.master if f.master.dtype == cd else f.master.to(cd)
-        W = {s.name: flat[s.offset: s.offset + s.numel].view(s.shape) for s in self.store.layouts[k].slots}
-        for name, s, t, ev in f.shared:
+        if not gather:
+            return None
+        flat = self.dist.all_gather(f.master if f.master.dtype == cd else f.master.to(cd))
+        lay = self.store.layouts[k]
+        W = {s.name: flat[s.offset: s.offset + s.numel].view(s.shape) for s in lay.slots}
+        for name, (owner, s) in lay.shared.items():  # a tied weight: its owner's masters, every rank its shard
+            t, ev = self.dev.to_device(self.store.master(owner)[slice(*self.store.shard(owner))],
+                                       after=self._master_ev.get(owner))
             self.dev.wait(ev)
-            W[name] = (t if t.dtype == cd else t.to(cd)).view(s.shape)
+            W[name] = self.dist.all_gather(t.to(cd))[s.offset: s.offset + s.numel].view(s.shape)
         return W
 
     def _prefetch(self, k: int) -> None:
@@ -370,13 +403,16 @@ class StreamEngine:
     def _ensure_pool(self, tokens_per_micro_batch: int, micro_batches: int, window_tokens: int) -> None:
         """Slots for the stash and gradients of windows of ``window_tokens`` (chosen ``stash_every`` at the first
         window); a larger window later grows them, after applying the updates whose gradients they hold."""
+        # every rank plans for the largest window of any rank: the same schedule (and collectives) everywhere
+        tokens_per_micro_batch, micro_batches, window_tokens = (
+            int(v) for v in self.dist.max(tokens_per_micro_batch, micro_batches, window_tokens))
         if self.pool is None:
             n = preflight.plan_window(self, tokens_per_micro_batch, micro_batches)
             self.stash_every = n
-            self.pool = StashPool(self.arena, self.store.layouts, self.anat.num_layers, self.hidden_size,
-                                  self.compute_dtype, self.formats.grads, n)
+            self.pool = self.store.stash_pool(self.arena, self.anat.num_layers, self.hidden_size, self.compute_dtype,
+                                              self.formats.grads, n)
         elif window_tokens > self.pool.window_tokens:
-            self.flush()  # the slots hold pending gradients: apply them before reallocating
+            self.apply_pending()  # the slots hold pending gradients: apply them before reallocating
             if self.options.check_memory:
                 preflight.check_host(self, "stash", window_tokens=window_tokens)
         if self.pool.ensure(window_tokens):
@@ -398,10 +434,13 @@ class StreamEngine:
         # labels are all masked gets zero loss and zero gradients, as a plain Trainer does
         if num_items is not None and self.spec.loss_over_window_items:
             n_items = float(num_items.item() if torch.is_tensor(num_items) else num_items)
-            scales = [_inverse(n_items)] * B
+            # as the Trainer's compute_loss: items counted over all ranks, times the ranks (gradients are averaged)
+            ranks = self.dist.world if self.spec.average_tokens_across_devices else 1
+            scales = [_inverse(n_items) * ranks] * B
         else:
             scales = [_inverse(float((mb.shift_labels != -100).sum().item()) * B) for mb in mbs]
         n_layers = self.anat.num_layers
+        late = self.store.late_prefetch
 
         # 1. forward, block-major
         with torch.no_grad():
@@ -415,9 +454,12 @@ class StreamEngine:
                 if slot is not None:
                     self._stash(slot, carry, mbs)
                 W = self._load(k)
-                self._prefetch(k + 1)
+                if not late:
+                    self._prefetch(k + 1)
                 with self.dev.segment("forward"):
                     carry = [self._layer(k, W, h, mb) for h, mb in zip(carry, mbs)]
+                if late:  # the SSD tier's fetch may wait for the disk: only once this layer's work is queued
+                    self._prefetch(k + 1)
         # 2. head: loss and its gradient at once
         hk = self.num_blocks - 1
         W = self._load(hk)
@@ -425,19 +467,21 @@ class StreamEngine:
             self._prefetch(k)
         leaves = {n: t.detach().requires_grad_(True) for n, t in W.items()}
         acc = self._new_acc(hk)
-        losses, sumsq = [], torch.zeros((), device=dev.device, dtype=torch.float32)
+        losses = []
+        self._sumsq = torch.zeros((), device=dev.device, dtype=torch.float32)
         for i, (h, mb) in enumerate(zip(carry, mbs)):
             with self.dev.segment("head"):
                 loss_i, dx = self._head_fwd_bwd(leaves, h, mb, scales[i], acc)
             losses.append(loss_i)
             carry[i] = dx
-        sumsq = self._store_grads(hk, acc, sumsq)
+        self._store_grads(hk, acc)
         # 3. backward, group by group in reverse, recomputing each group from its stashed input
         for g in range(pool.groups - 1, -1, -1):
             ks = pool.group_layers(g)
             Ws = {k: self._load(k) for k in reversed(ks)}
             nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
-            self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
+            if not late:
+                self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -453,10 +497,10 @@ class StreamEngine:
                     for (k, n), gr in zip(order, grads[1:]):
                         self._accumulate(k, accs[k], n, gr)
                 del out, grads, h
-            for k in nxt[1:]:
+            for k in nxt if late else nxt[1:]:
                 self._prefetch(k)
             for k in reversed(ks):
-                sumsq = self._store_grads(k, accs[k], sumsq)
+                self._store_grads(k, accs[k])
             del leaves_of, accs
         W = self._load(0)
         leaves = {n: t.detach().requires_grad_(True) for n, t in W.items()}
@@ -467,8 +511,9 @@ class StreamEngine:
                 (gr,) = torch.autograd.grad(e, [leaves["weight"]], carry[i])
             self._accumulate(0, acc, "weight", gr)
         carry = None
-        sumsq = self._store_grads(0, acc, sumsq)
-        self.total_norm = sumsq.sqrt()
+        self._store_grads(0, acc)
+        self.reducer.finish()
+        self.total_norm = self.dist.all_reduce_(self._sumsq).sqrt()  # the ranks' shards' sums of squares
         self._losses = [loss.detach() for loss in losses]
         self.stats["windows"] += 1
         self.stats["tokens"] += window_tokens
@@ -529,34 +574,43 @@ class StreamEngine:
             acc.flat = torch.zeros(acc.numel, device=acc.device, dtype=torch.float32)
         acc.flat[s.offset: s.offset + s.numel].view(s.shape).add_(g)
 
-    def _store_grads(self, k: int, acc: _Acc, sumsq: torch.Tensor) -> torch.Tensor:
-        """Move block ``k``'s summed gradients to host memory (its slot region), encoded as the formats say; add
-        their squared norms to ``sumsq`` first (clipping sees the true norm). A tied weight's gradient from the
-        head waits on the device for its owner."""
+    def _store_grads(self, k: int, acc: _Acc) -> None:
+        """Reduce block ``k``'s summed gradients over the ranks and store this rank's shard (:meth:`_store_shard`;
+        see :class:`~hf_lowmem.engine.dist.GradientReducer`). A tied weight's gradient from the head waits on the
+        device for its owner."""
         lay = self.store.layouts[k]
         for name, g in acc.shared.items():
             p = lay.shared[name][1].param
             prev = self._shared_acc.get(id(p))
             self._shared_acc[id(p)] = g if prev is None else prev.add_(g)
-        flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
-        for s in lay.slots:
-            sumsq = sumsq + torch.linalg.vector_norm(flat[s.offset: s.offset + s.numel], dtype=torch.float32) ** 2
-        slot, region = self.pool.grad_region(k)
-        after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
         if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
-            return sumsq
+            return
+        flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
+        self.reducer.start(k, flat)
+
+    def _store_shard(self, k: int, shard: torch.Tensor) -> None:
+        """This rank's reduced shard of block ``k``'s gradients: add its squared norms to the window's sum (clipping
+        sees the true norm) and move it to host memory (its slot region), encoded as the formats say."""
+        lay = self.store.layouts[k]
+        lo, hi = self.store.shard(k)
+        for s in lay.slots:
+            a, b = max(lo, s.offset), min(hi, s.offset + s.numel)
+            if a < b:
+                self._sumsq += torch.linalg.vector_norm(shard[a - lo: b - lo], dtype=torch.float32) ** 2
+        slot, region = self.pool.grad_out(k)
+        after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
+        n = hi - lo
         if self.formats.grads == "8bit":
-            n = lay.numel
-            codes = torch.empty(n, dtype=torch.uint8, device=flat.device)
-            absmax = torch.empty(n // lowbit.BLOCK_8BIT, dtype=torch.float32, device=flat.device)
-            lowbit.quantize_8bit(flat, codes, absmax)
+            codes = torch.empty(n, dtype=torch.uint8, device=shard.device)
+            absmax = torch.empty(n // lowbit.BLOCK_8BIT, dtype=torch.float32, device=shard.device)
+            lowbit.quantize_8bit(shard, codes, absmax)
             self.dev.to_host(codes, region[:n], after=after)
             ev = self.dev.to_host(absmax, region[n: n + absmax.numel() * 4].view(torch.float32))
         else:
-            enc = flat if flat.dtype == self.compute_dtype else flat.to(self.compute_dtype)
-            ev = self.dev.to_host(enc, region.view(self.compute_dtype)[: lay.numel], after=after)
+            enc = shard if shard.dtype == self.compute_dtype else shard.to(self.compute_dtype)
+            ev = self.dev.to_host(enc, region.view(self.compute_dtype)[:n], after=after)
         self._slot_write_ev[slot] = ev
-        return sumsq
+        self.pool.grad_stored(k, ev)
 
     # ---- the stash -----------------------------------------------------------------------------------
     def _stash(self, slot: int, carry: list[torch.Tensor], mbs: list[_MicroBatch]) -> None:

@@ -38,6 +38,21 @@ class StreamOptions:
         process's cap (``torch.cuda.set_per_process_memory_fraction``).
     :param host_memory: host budget of the whole process tree (DataLoader workers included); default: available RAM.
     :param profile: time copies and compute with CUDA events (``engine.profile_totals()``), for benchmarks.
+    :param offload_dir: the SSD tier (docs/ssd-tier.md): a folder on a local disk (or a list of folders, one per
+        disk: blocks are spread over them in turn) where the master weights and optimizer states live, one file
+        per block, read ahead and written behind while other blocks compute; host RAM holds only
+        ``offload_window`` blocks. ``None`` (default): both live in host RAM.
+    :param offload_window: blocks of the SSD tier held in host RAM at once (each as large as the largest block's
+        masters + states), shared by read-ahead, the blocks on the GPU and write-behind; grown by the engine
+        when a ``stash_every`` group needs more. Default 4.
+    :param direct_io: ``auto`` (default): ``O_DIRECT`` where the file system supports it, else buffered I/O
+        whose pages are dropped after each transfer (said in a log line); ``on``: refuse without it; ``off``.
+    :param io_threads: threads issuing the SSD tier's reads and writes (each releases the GIL). Default 4.
+    :param disk_gbps: the offload disk's sequential bandwidth in GB/s, for the preflight's step-time estimate;
+        default: measured once per device with a short direct-I/O probe and cached.
+    :param offload_grads: the SSD tier keeps the stored gradients on the disk too (written behind the backward
+        pass, read with each block in the next forward) instead of host RAM: for models whose gradients alone
+        outgrow the RAM (70B: ~70 GB in 8 bits). Default ``False``.
     """
 
     tier: str = "exact"
@@ -50,6 +65,12 @@ class StreamOptions:
     gpu_memory: str | None = None
     host_memory: str | None = None
     profile: bool = False
+    offload_dir: str | list[str] | None = None
+    offload_window: int = 4
+    direct_io: str = "auto"
+    io_threads: int = 4
+    disk_gbps: float | None = None
+    offload_grads: bool = False
 
     def __post_init__(self):
         for name, allowed in (("tier", TIERS), ("master", MASTERS), ("states", STATES), ("grads", GRADS)):
@@ -58,11 +79,12 @@ class StreamOptions:
         if self.stash_every != "auto":
             _check_int(self, "stash_every", 1)
         _check_int(self, "loss_chunk_tokens", 1)
-        for name in ("check_memory", "profile"):
+        for name in ("check_memory", "profile", "offload_grads"):
             if not isinstance(getattr(self, name), bool):  # "no" is a true string: refuse it instead of guessing
                 raise ValueError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
         for name in ("gpu_memory", "host_memory"):
             _check_size(name, getattr(self, name))
+        _check_offload(self)
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,38 @@ def resolve_formats(opts: StreamOptions | None, optimizer_name: str | None = Non
     grads = opts.grads if opts.grads != "auto" else ("8bit" if compact else "compute")
     n = None if opts.stash_every == "auto" else int(opts.stash_every)
     return Formats(master=master, states=states, grads=grads, stash_every=n)
+
+
+DIRECT_IO = ("auto", "on", "off")
+#: the offload_dir the planner writes into the plans it prints (the user puts a folder on their SSD there)
+PLANNER_DIR = "SSD_FOLDER"
+
+
+def offload_dirs(opts: StreamOptions) -> list[str]:
+    """The SSD tier's folders (empty: the tier is off)."""
+    d = opts.offload_dir
+    if d is None:
+        return []
+    return [str(d)] if isinstance(d, (str, bytes)) or hasattr(d, "__fspath__") else [str(x) for x in d]
+
+
+def _check_offload(opts: StreamOptions) -> None:
+    d = opts.offload_dir
+    if d is not None:
+        dirs = d if isinstance(d, (list, tuple)) else [d]
+        if not dirs or not all(isinstance(x, str) and x.strip() for x in dirs):
+            raise ValueError(f"offload_dir must be a folder (a string) or a list of folders, got {d!r}")
+        if len(set(dirs)) != len(dirs):
+            raise ValueError(f"offload_dir lists a folder twice: {d!r}; give one folder per disk")
+    if opts.offload_grads is True and d is None:
+        raise ValueError("offload_grads keeps the gradients in the SSD tier's files: set offload_dir too")
+    _check_int(opts, "offload_window", 2)
+    _check_int(opts, "io_threads", 1)
+    if opts.direct_io not in DIRECT_IO:
+        raise ValueError(f"direct_io must be one of {', '.join(DIRECT_IO)}, got {opts.direct_io!r}")
+    g = opts.disk_gbps
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0):
+        raise ValueError(f"disk_gbps must be a positive number of GB/s (e.g. 7.0), got {g!r}")
 
 
 def _check_int(opts, name: str, lo: int) -> None:

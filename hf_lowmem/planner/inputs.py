@@ -109,6 +109,11 @@ class DeviceSpec:
     hbm_gbps: float = 4800.0
     #: CUDA context + kernel images: on the GPU but outside torch's allocator
     context_bytes: int = 600 * MiB
+    #: the disk(s) the stream engine's SSD tier may use: free bytes and sequential GB/s of each, and how many
+    #: (``None``: no disk to plan with, so no SSD tier is considered)
+    disk_bytes: int | None = None
+    disk_gbps: float | None = None
+    disks: int = 1
 
     def __post_init__(self):
         import math
@@ -152,6 +157,8 @@ class MemoryEstimate:
     seconds_per_step: float | None = None
     notes: list[str] = field(default_factory=list)
     speed_notes: list[str] = field(default_factory=list)
+    #: an engine's disk traffic per step and the files it keeps (the stream engine's SSD tier), or ``None``
+    disk: dict | None = None
 
     @property
     def gpu_peak_allocated(self) -> int:
@@ -185,6 +192,8 @@ class MemoryEstimate:
             "speed": None if self.speed is None else round(self.speed, 3),
             "seconds_per_step": None if self.seconds_per_step is None else round(self.seconds_per_step, 3),
             "notes": list(self.notes), "speed_notes": list(self.speed_notes),
+            **({"disk": {k: round(v, 3) if isinstance(v, float) else v for k, v in self.disk.items()}}
+               if self.disk else {}),
         }
 
 

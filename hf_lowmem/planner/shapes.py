@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from hf_lowmem import anatomy
+from hf_lowmem.cli_args import looks_local
 from hf_lowmem.errors import PluginError
 from hf_lowmem.sizes import fmt_count
 
@@ -40,6 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
                        tie_word_embeddings=False, max_position_embeddings=4096),
+    "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                       tie_word_embeddings=False, max_position_embeddings=4096),
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       tie_word_embeddings=False, max_position_embeddings=8192),
@@ -53,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                        tie_word_embeddings=False, max_position_embeddings=32768),
 }
-_ALIASES = {"llama-2-7b": "llama2-7b", "llama2": "llama2-7b", "llama-2-13b": "llama2-13b", "llama-3-8b": "llama3-8b",
+_ALIASES = {"llama-2-7b": "llama2-7b", "llama2": "llama2-7b", "llama-2-13b": "llama2-13b", "llama-2-70b": "llama2-70b", "llama-3-8b": "llama3-8b",
             "llama3.1-8b": "llama3-8b", "llama-3.2-1b": "llama-1b", "llama3.2-1b": "llama-1b", "llama-3.2-3b": "llama-3b",
             "llama3.2-3b": "llama-3b", "smollm2": "smollm2-135m", "smollm-135m": "smollm2-135m",
             "mistral-7b-v0.1": "mistral-7b", "qwen2.5-0.5b": "qwen2.5-0.5b"}
@@ -167,15 +171,6 @@ def _preset_key(name: str) -> str | None:
     k = k.split("/")[-1]
     k = _ALIASES.get(k, k)
     return k if k in PRESETS else None
-
-
-def looks_local(spec: str) -> bool:
-    """Whether a model name can only be a local path: ``./x``, ``../x``, ``/x``, ``~/x``, ``C:...``,
-    ``x.json``, or more than one ``/`` (a hub id is ``name`` or ``owner/name``)."""
-    s = str(spec)
-    if s.startswith((".", "/", "~", "\\")) or (len(s) > 1 and s[1] == ":"):
-        return True
-    return s.lower().endswith(".json") or s.count("/") >= 2 or (os.sep != "/" and os.sep in s)
 
 
 def load_model_shape(spec: Any, **config_overrides: Any) -> ModelShape:
