@@ -46,6 +46,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="host budget declared to the engine (default: stream_bench.py's for the tier)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (forked)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    p.add_argument("--runs", default="ram,ssd", help="which runs, in order (ram, ssd); the summary needs both")
     p.add_argument("--keep", action="store_true", help="keep the SSD tier's block files")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (checks the script only)")
@@ -88,7 +89,12 @@ def main(argv=None) -> None:
     a.out_dir = os.path.join(tmp or ssd_dir, "trainer_out")
     rows = []
     try:
+        wanted = [r.strip() for r in a.runs.split(",") if r.strip()]
+        if not wanted or set(wanted) - {"ram", "ssd"}:
+            raise SystemExit(f"--runs {a.runs!r}: expected ram, ssd or ram,ssd")
         for name, where in (("ram", None), ("ssd", ssd_dir)):
+            if name not in wanted:
+                continue
             a.offload_dir = where
             row = _child(a, a.tier, a.layers, a.ga, command)
             row["run"], row["name"] = name, f"{a.tier}:{name}"
@@ -102,12 +108,15 @@ def main(argv=None) -> None:
             shutil.rmtree(a.out_dir, ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    rows.append(summary(rows[0], rows[1]))
-    _write(a.out, command, a.smoke, rows)
-    print(json.dumps(rows[-1]), flush=True)
+    if len(rows) == 2:
+        rows.append(summary(rows[0], rows[1]))
+        _write(a.out, command, a.smoke, rows)
+        print(json.dumps(rows[-1]), flush=True)
     print("\n| run | peak GPU alloc GiB | host used GiB | tokens/s | step s | SSD files GiB |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows[:-1]:
+    for r in rows:
+        if r["name"] == "summary":
+            continue
         print(f"| {r['run']} | {r.get('peak_gpu_allocated_gib')} | {r.get('host_used_gib')} | "
               f"{r.get('tokens_per_s', r.get('error'))} | {r.get('step_s_median')} | {r.get('offload_file_gib', '-')} |")
     if any("error" in r for r in rows):
