@@ -190,9 +190,12 @@ def test_accelerate_launch(tmp_path):
 def test_seven_b_arguments(tmp_path):
     code = "from hf_lowmem import LowMemTrainingArguments\n" + substitute(
         block('args = LowMemTrainingArguments(output_dir="out", bf16=True, per_device_train_batch_size=4,'), "bf16")
-    code += '\nprint("RESULT", __import__("json").dumps({"offload": args.lowmem_offload, "opt": args.lowmem_optimizer}))\n'
+    code += ('\nfrom hf_lowmem.engine.stream_options import StreamOptions\n'
+             'opts = StreamOptions(**args.lowmem_options["stream"])\n'
+             'print("RESULT", __import__("json").dumps({"offload": args.lowmem_offload, "tier": opts.tier, '
+             '"workers": args.dataloader_num_workers}))\n')
     res = result_line(run_python(code, tmp_path))
-    assert res == {"offload": ["stream"], "opt": "bnb-adamw8bit"}
+    assert res == {"offload": ["stream"], "tier": "compact", "workers": 2}
 
 
 def test_plan(tmp_path):

@@ -14,6 +14,9 @@ How a plugin gets its weights back into standard form (see also :mod:`hf_lowmem.
    disappear with it. This works with no run context at all (a bare model object).
 3. Whatever the model's class does not have (plugin-only keys) is dropped and listed; a standard key
    that is missing, has the wrong shape, or has no data (``meta``) is an error naming the key.
+
+Over 400 lines because it is one path with three entry points (a folder, a live model, a trainer) that share
+the plugin-state handling above; split, each part would need the others' rules.
 """
 
 from __future__ import annotations
