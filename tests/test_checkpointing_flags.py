@@ -10,16 +10,7 @@ import pytest
 import torch
 
 from hf_lowmem import LowMemTrainer, PluginError
-from tests.tiny import RandomTokens, tiny_model, train_args
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(128)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                   pad_token="t0", eos_token="t1", unk_token="t0")
+from tests.tiny import RandomTokens, tiny_model, train_args, word_tokenizer
 
 
 def _sft(tmp_path, **kw):
@@ -33,7 +24,7 @@ def _sft(tmp_path, **kw):
                      learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                      seed=0, disable_tqdm=True, **kw)
     return lowmem_trainer_class(SFTTrainer)(model=tiny_model(), args=args, train_dataset=ds,
-                                            processing_class=_tokenizer())
+                                            processing_class=word_tokenizer())
 
 
 def test_sftconfigs_default_is_taken_over_with_one_info_line(tmp_path, caplog):

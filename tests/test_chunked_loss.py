@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_lowmem import LowMemTrainer, PluginError
-from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
+from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args, word_tokenizer
 
 
 # ---- models whose loss is not the causal-LM loss -----------------------------------------------------------------
@@ -95,15 +95,6 @@ def test_masked_micro_batches_train_exactly_like_a_plain_trainer(tmp_path, maske
 
 
 # ---- TRL's SFTTrainer -------------------------------------------------------------------------------------------
-def _tokenizer():
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(128)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                   pad_token="t0", eos_token="t1", unk_token="t0")
-
-
 def _sft_run(out, **kw):
     datasets = pytest.importorskip("datasets")
     from trl import SFTConfig, SFTTrainer
@@ -117,7 +108,7 @@ def _sft_run(out, **kw):
         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         disable_tqdm=True, gradient_checkpointing=False, lowmem_telemetry=False, **kw)
     trainer = lowmem_trainer_class(SFTTrainer)(model=tiny_model(), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                                               processing_class=_tokenizer())
+                                               processing_class=word_tokenizer())
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
 
