@@ -51,3 +51,14 @@ def step_timer(cuda: bool):
             self.times.append(time.perf_counter() - self.t0)
 
     return StepTimer()
+
+
+def write_rows(path: str | None, command: str, smoke: bool, rows: list[dict]) -> None:
+    """Write a benchmark's rows with the command that made them (``{"command", "smoke", "rows"}``); called after
+    every run, so that a command killed from outside keeps what it measured."""
+    import json
+
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"command": command, "smoke": smoke, "rows": rows}, f, indent=2)

@@ -43,6 +43,7 @@ import sys
 import time
 
 from benchlib import one_gpu, random_tokens, step_timer
+from benchlib import write_rows as _write
 from hostmem import HostMemSampler
 
 GiB = 2**30
@@ -343,13 +344,6 @@ def _real_train(a, phase: str, cuda: bool, hm) -> dict:
 
 
 # ---- the parent --------------------------------------------------------------------------------------------------
-def _write(path: str | None, command: str, smoke: bool, rows: list[dict]) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"command": command, "smoke": smoke, "rows": rows}, f, indent=2)
-
-
 def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--layers", str(layers), "--seq", str(a.seq), "--mb", str(a.mb),
            "--ga", str(ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states,
