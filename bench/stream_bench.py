@@ -38,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -205,7 +206,7 @@ def worker(a) -> dict:
         out = trainer.train()
     hm.stop()
     steady = timer.times[1:] or timer.times
-    step_s = sorted(steady)[len(steady) // 2]
+    step_s = statistics.median(steady)  # of an even count: the mean of the middle two
     tokens = a.mb * a.ga * a.seq
     row = {
         "name": a.mode, "params_b": round(n_params / 1e9, 3), "layers": a.layers, "seq": a.seq, "micro_batch": a.mb,
