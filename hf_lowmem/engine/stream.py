@@ -139,6 +139,9 @@ class StreamEngine(GradientHandoff):
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
         # the ranks of this run (one: every collective is the identity) and host memory they share
         self.dist = dist_mod.Dist.current(self.dev.device)
+        if self.dist.comm_bytes:
+            logger.info("hf-lowmem: NCCL's communicators take %.2f GiB of this GPU outside PyTorch's allocator",
+                        self.dist.comm_bytes / 2**30)
         self.reducer = dist_mod.GradientReducer(self.dist, self._store_shard)  # gradients over the ranks
         self._synced = True  # every rank's shards are current (no update deferred since the last flush)
         self.arena = dist_mod.SharedArena(self.dist, pin=self.dev.cuda)
@@ -466,6 +469,8 @@ class StreamEngine(GradientHandoff):
             losses.append(loss_i)
             carry[i] = dx
         self._store_grads(hk, acc)
+        del W, leaves, acc  # the head's weights and fp32 sums are not needed in backward (under several ranks the
+        # sums stay referenced by their reduction until the first group is loaded)
         # 3. backward, group by group in reverse, recomputing each group from its stashed input
         for g in range(pool.groups - 1, -1, -1):
             ks = pool.group_layers(g)
@@ -473,6 +478,9 @@ class StreamEngine(GradientHandoff):
             nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
             if not late:
                 self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
+            # the reduction of the group above (started at its end) overlapped these loads' all-gathers and copies;
+            # it ends here, so its fp32 buffer is gone before the micro-batches' recompute (the GPU peak)
+            self.reducer.finish()
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -494,6 +502,7 @@ class StreamEngine(GradientHandoff):
                 self._store_grads(k, accs[k])
             del leaves_of, accs
         W = self._load(0)
+        self.reducer.finish()
         leaves = {n: t.detach().requires_grad_(True) for n, t in W.items()}
         acc = self._new_acc(0)
         for i, mb in enumerate(mbs):
