@@ -387,3 +387,31 @@ if __name__ == "__main__":
         worker(Path(a.worker))
     elif a.refused:
         refused(Path(a.refused), ssd=a.ssd)
+
+
+def test_planner_offers_the_ssd_tier_only_to_one_process():
+    """The engine refuses the SSD tier under several processes; the plan must not offer it there."""
+    import dataclasses
+
+    from hf_lowmem.planner import (
+        DEFAULT_DEVICE,
+        TrainSetup,
+        load_model_shape,
+        plan_training,
+    )
+    from hf_lowmem.plugins import load_plugins
+
+    host = load_plugins()
+    if "stream" not in host.registry:
+        pytest.skip("the stream plugin is not registered")
+    disk = dataclasses.replace(DEFAULT_DEVICE, disk_bytes=2 * 10**12, disk_gbps=2.0)
+    setup = TrainSetup(micro_batch=4, seq_len=2048, grad_accum=8, precision="bf16-mixed", device="cuda")
+
+    def stream_plans(mode):
+        plan = plan_training(load_model_shape("llama2-7b"), setup, 8 * 2**30, 64 * 2**30, host=host, device=disk,
+                             require={"offload": ["stream"]}, mode=mode, check_installed=False)
+        return [c.inp.option("stream", "offload_dir", None) for c in plan.candidates if c.inp.has("stream")]
+
+    one, ddp = stream_plans("single"), stream_plans("ddp")
+    assert any(one) and not all(one)  # one process: RAM and SSD tiers
+    assert ddp and not any(ddp)  # several: the RAM tier only
