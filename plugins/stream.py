@@ -88,6 +88,8 @@ def stream_estimate(plan, fmt, chunk: int, opts=None):
     dirs = offload_dirs(opts) if opts is not None else []
     if dirs and dev.disk_bytes is None and dev.disk_gbps is None and dirs == [PLANNER_DIR]:
         raise PlanRefused("the SSD tier is planned only with a disk: hf-lowmem plan --disk_size ... --disk_gbps ...")
+    if dirs and plan.mode != "single":  # as the engine: refused at start under several processes
+        raise PlanRefused(f"the SSD tier runs on one process (this plan runs in {plan.mode} mode)")
     if not dirs and getattr(opts, "offload_grads", False):
         raise PlanRefused("offload_grads needs offload_dir")
     raw = estimate_stream_memory(

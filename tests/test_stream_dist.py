@@ -35,7 +35,7 @@ MODEL = {"hidden_size": 64, "intermediate_size": 128}  # 4-bit states quantize t
 
 # ---- what each launched rank runs ------------------------------------------------------------------------------
 def _train(out: Path, mb: int, kw: dict, resume: str | None = None, meta: bool = False, tied: bool = False,
-           eval_batch: int | None = None):
+           eval_batch: int | None = None, count: bool = False):
     import torch
 
     from hf_lowmem import LowMemTrainer
@@ -50,21 +50,68 @@ def _train(out: Path, mb: int, kw: dict, resume: str | None = None, meta: bool =
     else:
         model = tiny_model(tie_word_embeddings=tied, **MODEL)
     trainer = LowMemTrainer(model=model, args=args, train_dataset=RandomTokens())
+    probe = _probe(trainer.lowmem_engine) if count else None
     trainer.train(resume_from_checkpoint=resume)
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
               "grad_norms": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
               "world_size": trainer.args.world_size, "mode": trainer.lowmem_ctx.mode}
     if eval_batch:
         result["eval_loss"] = trainer.evaluate(RandomTokens(n=8, seed=5))["eval_loss"]
+    if probe is not None:
+        result["counted"] = _counted(trainer.lowmem_engine, probe, kw["gradient_accumulation_steps"])
     trainer.save_model(str(out / "final"))
     return trainer, result
+
+
+def _probe(eng) -> dict:
+    """Count, on the CPU, the gradient-reduction buffers the engine keeps referenced while it loads a block's weights
+    (its all-gather) and while it recomputes a layer with autograd (the GPU peak): the largest, with its block."""
+    import torch
+
+    probe = {"load": (0, None), "recompute": (0, None)}
+
+    def inflight():
+        r = eng.reducer.inflight
+        return (r[3].numel() * r[3].element_size(), r[0]) if r is not None else (0, None)
+
+    def note(phase):
+        b, k = inflight()
+        if b > probe[phase][0]:
+            probe[phase] = (b, k)
+
+    materialize, layer = eng._materialize, eng._layer
+
+    def _materialize(f, gather=True):
+        note("load")
+        return materialize(f, gather)
+
+    def _layer(*a, **kw):
+        if torch.is_grad_enabled():
+            note("recompute")
+        return layer(*a, **kw)
+
+    eng._materialize, eng._layer = _materialize, _layer
+    return probe
+
+
+def _counted(eng, probe: dict, ga: int) -> dict:
+    """The counted buffers beside the memory model's phases for this run's world and for one process."""
+    from hf_lowmem.engine import preflight
+
+    tokens = eng.pool.window_tokens // ga
+    out = {phase: {"bytes": b, "padded": eng.store.layouts[k].numel if k is not None else 0,
+                   "params": sum(s.numel for s in eng.store.layouts[k].slots) if k is not None else 0}
+           for phase, (b, k) in probe.items()}
+    out["phases"] = preflight.estimate(eng, tokens, ga, None)["gpu_phases"]
+    out["phases_one"] = preflight.estimate(eng, tokens, ga, None, world=1)["gpu_phases"]
+    return out
 
 
 def worker(out: Path) -> None:
     import torch
 
     results = {}
-    t, results["exact"] = _train(out / "exact", 2, EXACT, eval_batch=4)
+    t, results["exact"] = _train(out / "exact", 2, EXACT, eval_batch=4, count=True)
     eng = t.lowmem_engine
     store = eng.store
     results["exact"].update(
@@ -152,6 +199,18 @@ def two_ranks_like_one_process(tmp_path, gpu: bool, tol: float):
     assert d["exact"]["views"] and ranks[1]["exact"]["views"]  # parameters are views of the shared masters
     assert d["exact"]["shared_bytes"] >= sum(d["exact"]["numel"]) * 4 * 3  # fp32 masters + 2 fp32 states, once
     assert d["exact"]["private_grad_bytes"] <= sum(d["exact"]["numel"]) * 4 // 2 + 512 * len(d["exact"]["numel"])
+
+    # 1b. what the ranks add on the device, counted while training: one block's fp32 gradient sums stay referenced
+    # while the next group loads (the all-gathers overlap the reduction), none during the recompute; the memory
+    # model per rank is larger than one process's by exactly that, in the load phase only
+    for r in ranks:
+        cnt = r["exact"]["counted"]
+        load = cnt["load"]
+        assert load["bytes"] == 4 * load["padded"] > 0, cnt  # a block's fp32 sums, reduced in flight during loads
+        assert cnt["recompute"]["bytes"] == 0, cnt  # ... and gone before the recompute
+        extra = {ph: cnt["phases"][ph] - cnt["phases_one"][ph] for ph in cnt["phases"]}
+        assert extra.pop("backward load") == 4 * load["params"], (extra, load)  # the same block, unpadded
+        assert set(extra.values()) == {cnt["recompute"]["bytes"]}, extra
 
     # 2. one process with twice the micro-batch: losses, clipped gradient norms, evaluation, final weights
     from hf_lowmem.plugins import reset_plugin_host
@@ -328,3 +387,31 @@ if __name__ == "__main__":
         worker(Path(a.worker))
     elif a.refused:
         refused(Path(a.refused), ssd=a.ssd)
+
+
+def test_planner_offers_the_ssd_tier_only_to_one_process():
+    """The engine refuses the SSD tier under several processes; the plan must not offer it there."""
+    import dataclasses
+
+    from hf_lowmem.planner import (
+        DEFAULT_DEVICE,
+        TrainSetup,
+        load_model_shape,
+        plan_training,
+    )
+    from hf_lowmem.plugins import load_plugins
+
+    host = load_plugins()
+    if "stream" not in host.registry:
+        pytest.skip("the stream plugin is not registered")
+    disk = dataclasses.replace(DEFAULT_DEVICE, disk_bytes=2 * 10**12, disk_gbps=2.0)
+    setup = TrainSetup(micro_batch=4, seq_len=2048, grad_accum=8, precision="bf16-mixed", device="cuda")
+
+    def stream_plans(mode):
+        plan = plan_training(load_model_shape("llama2-7b"), setup, 8 * 2**30, 64 * 2**30, host=host, device=disk,
+                             require={"offload": ["stream"]}, mode=mode, check_installed=False)
+        return [c.inp.option("stream", "offload_dir", None) for c in plan.candidates if c.inp.has("stream")]
+
+    one, ddp = stream_plans("single"), stream_plans("ddp")
+    assert any(one) and not all(one)  # one process: RAM and SSD tiers
+    assert ddp and not any(ddp)  # several: the RAM tier only

@@ -28,6 +28,21 @@ The model as given
     its copy block by block: while loading, every process holds one model, as ``from_pretrained`` made it),
     or ranks other than 0 may pass a model built on the ``meta`` device (rank 0 copies every shard and
     sends its buffers, e.g. rotary tables, to the others: one model in memory while loading).
+
+What the ranks add on each GPU (counted per rank by :func:`hf_lowmem.engine.estimate.estimate_stream_memory`)
+    * the all-gather: the rank's shard of a block (``1/world`` of its masters, cast to the compute dtype when the
+      masters are fp32) beside the gathered block (the weights one process would hold anyway);
+    * the reduce-scatter: one block's fp32 gradient sums stay referenced while their reduction runs (in place
+      with NCCL); it overlaps the next group's loads and ends before that group's recompute, so it is not on the
+      GPU at the backward peak;
+    * the clipping norm and the schedule's agreements: a few scalars;
+    * NCCL's own buffers, outside PyTorch's allocator (neither ``max_memory_allocated`` nor a
+      ``set_per_process_memory_fraction`` cap counts them, the card does): both communicators are created when
+      :class:`Dist` is, so the free memory the preflight check reads already excludes them (``comm_bytes``: what
+      they took, logged).
+
+Over 400 lines because the collectives, the shared host arena and the sharded store are one unit: the store's
+layout, the arena's page-locking and the collectives all follow the same shard rule.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ class Dist:
         self.rank = td.get_rank(group) if self.on else 0
         self.backend = str(td.get_backend(group)) if self.on else None
         self.side = None  # the communicator of the gradient reductions (overlaps the all-gathers)
+        self.comm_bytes = 0  # device memory NCCL's communicators took outside PyTorch's allocator
         self.nccl = self.on and "nccl" in self.backend  # e.g. "nccl", or "cpu:gloo,cuda:nccl"
         if self.on:
             self.comm_device = torch.device("cuda", torch.cuda.current_device()) if self.nccl else torch.device("cpu")
@@ -67,6 +83,19 @@ class Dist:
                                   f"which communicates {self.comm_device.type} tensors; launch with one GPU per process "
                                   "(NCCL) or on the CPU (gloo)")
             self.side = td.new_group(backend=self.backend)
+            self.comm_bytes = self._start_communicators(td) if self.nccl else 0
+
+    def _start_communicators(self, td) -> int:
+        """Create both NCCL communicators now (one tiny all-reduce each; NCCL creates them lazily) and return the
+        device memory they took outside PyTorch's allocator, so that later free-memory readings include it."""
+        dev = self.comm_device
+        free0, reserved0 = torch.cuda.mem_get_info(dev)[0], torch.cuda.memory_reserved(dev)
+        t = torch.zeros(1, device=dev)
+        td.all_reduce(t, group=self.group)
+        td.all_reduce(t, group=self.side)
+        torch.cuda.synchronize(dev)
+        took = free0 - torch.cuda.mem_get_info(dev)[0] - (torch.cuda.memory_reserved(dev) - reserved0)
+        return max(0, int(took))
 
     @classmethod
     def current(cls, device: torch.device | str | None = None) -> Dist:
@@ -168,8 +197,9 @@ class Dist:
 
 class GradientReducer:
     """The reduction of each block's fp32 gradient sums over the ranks, one block in flight: :meth:`start` begins
-    block ``k``'s (asynchronous, on the second communicator) and finishes the previous one, so a reduction runs
-    beside the next block's all-gather and compute; :meth:`finish` waits for it, divides by the number of ranks
+    block ``k``'s (asynchronous, on the second communicator) and finishes the previous one; the engine also calls
+    :meth:`finish` once the next group's weights are loaded, so a reduction runs beside those all-gathers and
+    copies but its buffer is gone before the next recompute (the GPU peak); :meth:`finish` waits for it, divides by the number of ranks
     (sum, then divide: DDP's average) and hands this rank's shard to ``store(k, shard)``. With one process the
     shard is the whole block and is handed over at once."""
 

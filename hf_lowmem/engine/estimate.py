@@ -40,8 +40,12 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     ``tests/test_stream_estimate.py``.
 
     ``world`` ranks of one machine (:mod:`hf_lowmem.engine.dist`): per GPU, the same phases (each rank computes
-    its own micro-batches with the whole block's weights, gathered) plus, through backward, the fp32 gradient
-    sums of the block whose reduction is in flight; in host memory, masters and states once and, per rank, its
+    its own micro-batches with the whole block's weights, gathered; the transfer buffers are counted as for one
+    process, which covers the rank's shard and the shard being gathered) plus, while a group's weights are loaded
+    in backward, the fp32 gradient sums of the block whose reduction is in flight (a layer's or the head's; the
+    engine ends that reduction before the recompute, so it is in no micro-batch phase); NCCL's buffers are outside
+    the allocator and not counted (the engine creates its communicators before reading free memory); in host
+    memory, masters and states once and, per rank, its
     stash and the stored gradients of its shards (``host`` is the machine's total)."""
     emb, layers, head = block_params[0], list(block_params[1:-1]), block_params[-1]
     T, H, I, V = tokens_per_micro_batch, hidden_size, intermediate_size, vocab_size
@@ -122,9 +126,10 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     # activations of the n - j layers not yet differentiated + that layer's temporaries, the weight gradients
     # of the j layers above it (held until autograd.grad returns) and its first weight gradient; at the end of
     # autograd.grad all the group's weight gradients (compute dtype) + dh
-    inflight = max(lay, head, emb) * 4 if world > 1 else 0  # a block's fp32 gradient sums being reduced
+    # a block's fp32 gradient sums being reduced (the head's or a layer's) while the next group loads
+    inflight = max(lay, head) * 4 if world > 1 else 0
     base = {"weights": n * lay * cb, "transfer_buffers": max(lay, emb) * mw, "hidden_states": hid + 2 * one,
-            "gradients": shared + inflight, "inputs": inputs}
+            "gradients": shared, "inputs": inputs}
     accs = n * lay * 4 if B > 1 else 0
     starts = {}
     for j in range(n):
@@ -152,7 +157,7 @@ def estimate_stream_memory(*, block_params: list[int], hidden_size: int, interme
     # the embedding's backward: its weights, fp32 gradient sums (a tied weight's include the head's), the dense
     # gradient of one micro-batch (compute dtype), the embedding output
     phases["embedding backward"] = {
-        "weights": emb * cb, "gradients": emb * 4 + V * H * cb + inflight, "hidden_states": hid + one, "inputs": inputs,
+        "weights": emb * cb, "gradients": emb * 4 + V * H * cb, "hidden_states": hid + one, "inputs": inputs,
         "activations": T * H * 4,  # the CUDA kernel's fp32 partial sums per index segment (at most one per token)
     }
     totals = {k: sum(v.values()) for k, v in phases.items()}

@@ -197,7 +197,9 @@ def disk_step_note(engine: StreamEngine, tokens_per_micro_batch: int, micro_batc
     return note
 
 
-def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int, stash_every: int | None) -> dict:
+def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: int, stash_every: int | None,
+             world: int | None = None) -> dict:
+    """The engine's memory model for this model and these formats; ``world`` ranks (default: this run's)."""
     fm = engine.formats
     cfg = engine.anat.model.config
     return estimate_stream_memory(
@@ -210,7 +212,7 @@ def estimate(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches: i
         state_format=fm.states, loss_chunk_tokens=engine.options.loss_chunk_tokens, masters_exist=True,
         master_format=fm.master, grad_format=fm.grads, stash_every=stash_every or engine.stash_every or 1,
         offload_window=getattr(engine.store, "window", None) if getattr(engine.store, "file_backed", False) else None,
-        offload_grads=getattr(engine.store, "offload_grads", False), world=engine.dist.world)
+        offload_grads=getattr(engine.store, "offload_grads", False), world=world or engine.dist.world)
 
 
 def _pool_bytes(engine: StreamEngine, window_tokens: int, n: int) -> int:
@@ -269,11 +271,14 @@ def plan_window(engine: StreamEngine, tokens_per_micro_batch: int, micro_batches
         est = estimate(engine, tokens_per_micro_batch, micro_batches, n)
         if est["gpu_bytes"] > budget:
             why = (f" (stash_every={n} was needed to fit the host budget)" if fixed is None and n > 1 else "")
+            ranks = (f" on each of the {world} GPUs (the gathered block, one block's gradient reduction in flight; "
+                     f"NCCL's {engine.dist.comm_bytes / GiB:.2f} GiB is already taken)" if world > 1 else "")
             raise MemoryBudgetError(
-                f"the stream engine needs about {est['gpu_bytes'] / GiB:.2f} GiB of GPU memory for micro-batches of "
-                f"{tokens_per_micro_batch} tokens ({micro_batches} per window){why}, but {budget / GiB:.2f} GiB is "
-                "available to this process. Use a smaller per_device_train_batch_size (and more "
-                "gradient_accumulation_steps), shorter sequences, or a smaller stash_every. Breakdown (GiB): "
+                f"the stream engine needs about {est['gpu_bytes'] / GiB:.2f} GiB of GPU memory{ranks} for micro-batches "
+                f"of {tokens_per_micro_batch} tokens ({micro_batches} per window){why}, but {budget / GiB:.2f} GiB is "
+                f"available to this process (peak: {est['gpu_peak_phase']}). Raise the GPU memory cap, use a smaller "
+                "per_device_train_batch_size (and more gradient_accumulation_steps), shorter sequences, a smaller "
+                "stash_every (or a larger host budget, so that it can be smaller). Breakdown (GiB): "
                 + ", ".join(f"{k}={v / GiB:.2f}" for k, v in est["gpu"].items()))
     if getattr(engine.store, "file_backed", False):
         disk_step_note(engine, tokens_per_micro_batch, micro_batches, n)

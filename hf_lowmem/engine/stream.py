@@ -31,10 +31,10 @@ Several processes of one machine (``torchrun`` / ``accelerate launch``): every r
 micro-batches, streams and updates its shard of each block, all-gathers the block's weights and
 reduce-scatters its gradients (:mod:`hf_lowmem.engine.dist`; with one process those are identities).
 
-This module is the schedule only (over 400 lines because forward, head, grouped backward, the fetch/update
-pipeline and the gradient hand-off share the engine's event bookkeeping); storage is in ``store`` and
-``hostmem``, the ranks in ``dist``, the update in ``optim`` and ``lowbit``, memory checks in ``preflight`` and
-``estimate``.
+This module is the schedule only (over 400 lines because forward, head, grouped backward and the fetch/update
+pipeline share the engine's event bookkeeping); the gradient hand-off (sums, reduction over the ranks, storing)
+is in ``gradients``, storage in ``store`` and ``hostmem``, the ranks in ``dist``, the update in ``optim`` and
+``lowbit``, memory checks in ``preflight`` and ``estimate``.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from hf_lowmem.engine import dist as dist_mod
-from hf_lowmem.engine import lowbit, preflight
+from hf_lowmem.engine import preflight
 from hf_lowmem.engine.anatomy import Anatomy, Block, find_anatomy
 from hf_lowmem.engine.config import EngineSpec
 from hf_lowmem.engine.device import Device
 from hf_lowmem.engine.estimate import estimate_stream_memory  # noqa: F401  (its historical import path)
+from hf_lowmem.engine.gradients import GradientHandoff, _Acc
 from hf_lowmem.engine.optim import StreamAdamW, clip_coefficient
 from hf_lowmem.engine.store import StashPool, create_store
 from hf_lowmem.engine.stream_options import resolve_formats
@@ -91,17 +92,7 @@ class _Fetch:
         self.shard: tuple[int, int] = (0, 0)  # the flat elements this rank streams (all of them with one process)
 
 
-class _Acc:
-    """A block's fp32 gradient sums on the device: one flat buffer (allocated at the first gradient) and the
-    gradients of tied weights it uses but does not own."""
-
-    def __init__(self, numel: int, device: torch.device):
-        self.numel, self.device = numel, device
-        self.flat: torch.Tensor | None = None
-        self.shared: dict[str, torch.Tensor] = {}
-
-
-class StreamEngine:
+class StreamEngine(GradientHandoff):
     """See the module docstring. Created by the ``stream`` plugin from an :class:`~hf_lowmem.engine.config.
     EngineSpec`; the Trainer talks to it through the :class:`~hf_lowmem.engine.interface.TrainingEngine`
     interface."""
@@ -148,6 +139,9 @@ class StreamEngine:
         keep32 = {id(self.anat.embed.weight)} if osp.embeddings_fp32 else set()
         # the ranks of this run (one: every collective is the identity) and host memory they share
         self.dist = dist_mod.Dist.current(self.dev.device)
+        if self.dist.comm_bytes:
+            logger.info("hf-lowmem: NCCL's communicators take %.2f GiB of this GPU outside PyTorch's allocator",
+                        self.dist.comm_bytes / 2**30)
         self.reducer = dist_mod.GradientReducer(self.dist, self._store_shard)  # gradients over the ranks
         self._synced = True  # every rank's shards are current (no update deferred since the last flush)
         self.arena = dist_mod.SharedArena(self.dist, pin=self.dev.cuda)
@@ -475,6 +469,8 @@ class StreamEngine:
             losses.append(loss_i)
             carry[i] = dx
         self._store_grads(hk, acc)
+        del W, leaves, acc  # the head's weights and fp32 sums are not needed in backward (under several ranks the
+        # sums stay referenced by their reduction until the first group is loaded)
         # 3. backward, group by group in reverse, recomputing each group from its stashed input
         for g in range(pool.groups - 1, -1, -1):
             ks = pool.group_layers(g)
@@ -482,6 +478,9 @@ class StreamEngine:
             nxt = list(reversed(pool.group_layers(g - 1))) if g > 0 else [0]
             if not late:
                 self._prefetch(nxt[0])  # the rest of the next group after the micro-batches: less on the GPU at once
+            # the reduction of the group above (started at its end) overlapped these loads' all-gathers and copies;
+            # it ends here, so its fp32 buffer is gone before the micro-batches' recompute (the GPU peak)
+            self.reducer.finish()
             leaves_of = {k: {n: t.detach().requires_grad_(True) for n, t in Ws[k].items()} for k in ks}
             del Ws
             accs = {k: self._new_acc(k) for k in ks}
@@ -503,6 +502,7 @@ class StreamEngine:
                 self._store_grads(k, accs[k])
             del leaves_of, accs
         W = self._load(0)
+        self.reducer.finish()
         leaves = {n: t.detach().requires_grad_(True) for n, t in W.items()}
         acc = self._new_acc(0)
         for i, mb in enumerate(mbs):
@@ -549,68 +549,6 @@ class StreamEngine:
         else:
             dx = dy.view_as(x)
         return loss, dx
-
-    # ---- gradients -----------------------------------------------------------------------------------
-    def _new_acc(self, k: int) -> _Acc:
-        lay = self.store.layouts[k]
-        acc = _Acc(lay.numel, self.dev.device)
-        waiting = [(s, self._shared_acc.pop(id(s.param))) for s in lay.slots if id(s.param) in self._shared_acc]
-        for s, g in waiting:  # a tied weight: the head's gradient sum is waiting here
-            if len(lay.slots) == 1 and g.numel() == lay.numel:  # it can be the block's buffer itself
-                acc.flat = g.view(-1)
-            else:
-                self._accumulate(k, acc, s.name, g)
-        return acc
-
-    def _accumulate(self, k: int, acc: _Acc, name: str, g: torch.Tensor) -> None:
-        lay = self.store.layouts[k]
-        if name in lay.shared:
-            prev = acc.shared.get(name)
-            acc.shared[name] = g.float() if prev is None and g.dtype != torch.float32 else (
-                g.clone() if prev is None else prev.add_(g))
-            return
-        s = lay.by_name[name]
-        if acc.flat is None:
-            acc.flat = torch.zeros(acc.numel, device=acc.device, dtype=torch.float32)
-        acc.flat[s.offset: s.offset + s.numel].view(s.shape).add_(g)
-
-    def _store_grads(self, k: int, acc: _Acc) -> None:
-        """Reduce block ``k``'s summed gradients over the ranks and store this rank's shard (:meth:`_store_shard`;
-        see :class:`~hf_lowmem.engine.dist.GradientReducer`). A tied weight's gradient from the head waits on the
-        device for its owner."""
-        lay = self.store.layouts[k]
-        for name, g in acc.shared.items():
-            p = lay.shared[name][1].param
-            prev = self._shared_acc.get(id(p))
-            self._shared_acc[id(p)] = g if prev is None else prev.add_(g)
-        if lay.numel == 0:  # a block that owns nothing (a tied head without a final norm)
-            return
-        flat = acc.flat if acc.flat is not None else torch.zeros(lay.numel, device=self.dev.device, dtype=torch.float32)
-        self.reducer.start(k, flat)
-
-    def _store_shard(self, k: int, shard: torch.Tensor) -> None:
-        """This rank's reduced shard of block ``k``'s gradients: add its squared norms to the window's sum (clipping
-        sees the true norm) and move it to host memory (its slot region), encoded as the formats say."""
-        lay = self.store.layouts[k]
-        lo, hi = self.store.shard(k)
-        for s in lay.slots:
-            a, b = max(lo, s.offset), min(hi, s.offset + s.numel)
-            if a < b:
-                self._sumsq += torch.linalg.vector_norm(shard[a - lo: b - lo], dtype=torch.float32) ** 2
-        slot, region = self.pool.grad_out(k)
-        after = self._slot_read_ev.get(slot)  # the previous tenant (a group's stashed input) has been read
-        n = hi - lo
-        if self.formats.grads == "8bit":
-            codes = torch.empty(n, dtype=torch.uint8, device=shard.device)
-            absmax = torch.empty(n // lowbit.BLOCK_8BIT, dtype=torch.float32, device=shard.device)
-            lowbit.quantize_8bit(shard, codes, absmax)
-            self.dev.to_host(codes, region[:n], after=after)
-            ev = self.dev.to_host(absmax, region[n: n + absmax.numel() * 4].view(torch.float32))
-        else:
-            enc = shard if shard.dtype == self.compute_dtype else shard.to(self.compute_dtype)
-            ev = self.dev.to_host(enc, region.view(self.compute_dtype)[:n], after=after)
-        self._slot_write_ev[slot] = ev
-        self.pool.grad_stored(k, ev)
 
     # ---- the stash -----------------------------------------------------------------------------------
     def _stash(self, slot: int, carry: list[torch.Tensor], mbs: list[_MicroBatch]) -> None:

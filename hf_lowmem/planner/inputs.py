@@ -200,13 +200,15 @@ class MemoryEstimate:
 @dataclass(frozen=True)
 class PlanInput:
     """What a memory model sees: the model, how it trains, the device rates, and the selected plugins
-    (``selection``: kind -> names; ``options``: name -> parsed options dataclass or ``None``)."""
+    (``selection``: kind -> names; ``options``: name -> parsed options dataclass or ``None``; ``mode``: the
+    distributed mode the plan runs in, as :func:`hf_lowmem.context.distributed_mode` names it)."""
 
     shape: ModelShape
     setup: TrainSetup
     selection: Mapping[str, tuple[str, ...]]
     options: Mapping[str, Any] = field(default_factory=dict)
     device: DeviceSpec = DEFAULT_DEVICE
+    mode: str = "single"
 
     def names(self) -> list[str]:
         return [n for k in KIND_ORDER for n in self.selection.get(k, ())]

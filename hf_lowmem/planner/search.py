@@ -281,7 +281,7 @@ def plan_training(shape: ModelShape, setup: TrainSetup, gpu_budget: int, host_bu
         except PluginError:
             continue  # an impossible combination (declared by the plugins themselves)
         inp = PlanInput(shape=shape, setup=setup, device=device, options=dict(resolved.options),
-                        selection={k: tuple(v) for k, v in sel.items()})
+                        selection={k: tuple(v) for k, v in sel.items()}, mode=mode)
         plugins = selected_plugins(inp, host)
         lossless = all(p.lossless_in(inp) for p in plugins)
         if lossless_only and not lossless:
