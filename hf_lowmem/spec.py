@@ -332,6 +332,11 @@ class Plugin:
         """Whether it leaves the results unchanged with this plan's options (default: :attr:`lossless`)."""
         return self.lossless
 
+    def quality_gap_in(self, plan: PlanInput) -> float | None:
+        """Its measured eval-loss gap with this plan's options, in percent (default: :attr:`quality_gap`); asked
+        by the planner only when :meth:`lossless_in` is false."""
+        return self.quality_gap
+
     def memory_model(self, plan: PlanInput, step: Step) -> MemoryEstimate | None:
         """Its memory model: change ``step``, the tensor classes of one training step that the planner then
         replays to find the GPU peak (weights, gradients, optimizer states, saved activations per layer,

@@ -55,12 +55,27 @@ class Stream(Plugin):
         f = self.formats(plan)  # the engine's own optimizer: quantized states, bf16 masters or 8-bit gradients are lossy
         return f.states == "fp32" and f.master == "fp32" and f.grads == "compute"
 
+    #: eval-loss gap of the compact formats (bf16 masters, 4-bit states, 8-bit stored gradients) against AdamW:
+    #: SmolLM2-135M fine-tuned 200 steps on the GPU, bench/results/quality_stream_tiers.json (exact tier: +0.06%)
+    COMPACT_GAP_PCT = 0.61
+
+    def quality_gap_in(self, plan):
+        """Lossy formats: the compact tier's measured gap; 8-bit states alone (fp32 masters, stored gradients in the
+        compute dtype) are the selected 8-bit optimizer's own approximation, whose gap that plugin states."""
+        f = self.formats(plan)
+        if f.master != "fp32" or f.grads != "compute" or f.states == "4bit":
+            return self.COMPACT_GAP_PCT
+        return 0.0 if plan.selected("optimizer") else None
+
     def plan_variants(self):
-        """The RAM tier as configured, and the SSD tier (exact and compact formats) where the planner was given
-        a disk (``hf-lowmem plan --disk_size ... --disk_gbps ...``); the plan names a placeholder folder."""
+        """The RAM tier as configured, the compact RAM tier stashing every 1st, 2nd or 4th layer (the engine
+        picks the smallest ``stash_every`` that fits the host budget; the planner tries the same ones), and the
+        SSD tier (exact and compact formats) where the planner was given a disk (``hf-lowmem plan --disk_size ...
+        --disk_gbps ...``); the plan names a placeholder folder."""
         from hf_lowmem.engine.stream_options import PLANNER_DIR
 
-        return [{}, {"offload_dir": PLANNER_DIR}, {"tier": "compact", "offload_dir": PLANNER_DIR},
+        return [{}, {"tier": "compact"}, {"tier": "compact", "stash_every": 2}, {"tier": "compact", "stash_every": 4},
+                {"offload_dir": PLANNER_DIR}, {"tier": "compact", "offload_dir": PLANNER_DIR},
                 {"tier": "compact", "offload_dir": PLANNER_DIR, "offload_grads": True}]
 
     def memory_model(self, plan, step):
@@ -108,7 +123,7 @@ def stream_estimate(plan, fmt, chunk: int, opts=None):
     for k, v in g.items():
         key = names.get(k, k.replace("_", " "))
         gpu[key] = gpu.get(key, 0) + v
-    host_names = {"master_weights": "master weights (fp32, pinned)", "optimizer_states": "optimizer states (pinned)",
+    host_names = {"master_weights": f"master weights ({fmt.master}, pinned)", "optimizer_states": "optimizer states (pinned)",
                   "activation_stash": "activation stash (pinned)", "gradients": "gradients (pinned)",
                   "ssd_window": "SSD tier window of blocks (pinned)"}
     host = {**dict.fromkeys(host_names.values(), 0), **{host_names.get(k, k.replace("_", " ")): v for k, v in h.items()}}

@@ -232,15 +232,16 @@ def _unavailable(plugins: list, device: str, check_installed: bool) -> str | Non
 
 def quality_gap(inp: PlanInput, plugins: list) -> float | None:
     """The measured eval-loss gap of a plan against AdamW when both run at the user's learning rate, in percent:
-    the sum of its lossy plugins' :attr:`~hf_lowmem.spec.Plugin.quality_gap` (0 for a lossless plan; a sum, since
+    the sum of its lossy plugins' :meth:`~hf_lowmem.spec.Plugin.quality_gap_in` (0 for a lossless plan; a sum, since
     gaps of independent losses roughly add up), or ``None`` when one of them has no measurement."""
     total = 0.0
     for plugin in plugins:
         if plugin.lossless_in(inp):
             continue
-        if plugin.quality_gap is None:
+        gap = plugin.quality_gap_in(inp)
+        if gap is None:
             return None
-        total += plugin.quality_gap
+        total += gap
     return total
 
 
