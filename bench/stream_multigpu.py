@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import random_tokens, step_timer
+from benchlib import write_rows as _write
 from hostmem import HostMemSampler
 
 GiB = 2**30
@@ -250,13 +251,6 @@ def summary(rows: list[dict]) -> dict:
         s["stream_vs_deepspeed_tokens_per_s"] = round(two["tokens_per_s"] / ds["tokens_per_s"], 3)
         s["stream_vs_deepspeed_host_used"] = round(two["host_used_gib"] / ds["host_used_gib"], 3)
     return s
-
-
-def _write(path: str | None, command: str, smoke: bool, rows: list[dict]) -> None:
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"command": command, "smoke": smoke, "rows": rows}, f, indent=2)
 
 
 def main(argv=None) -> int:
