@@ -67,7 +67,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_lowmem import Plugin, hookimpl
-from hf_lowmem.errors import PluginError
 from hf_lowmem_plugins.lr_evidence import Measured, advice, lr_message as evidence_message, say_once
 
 logger = logging.getLogger("hf_lowmem.apollo")
@@ -218,10 +217,9 @@ class ApolloPlugin(Plugin):
 
     def validate(self, ctx):
         if self.layerwise:
-            if getattr(ctx.args, "fp16", False):
-                raise PluginError(f"plugin {self.name!r} updates parameters inside backward, before a fp16 gradient "
-                                  "scaler could unscale and check the gradients: train with bf16=True (or fp32) "
-                                  "instead of fp16")
+            from hf_lowmem_plugins.galore_layerwise import refuse_fp16
+
+            refuse_fp16(self.name, ctx.args)
             if (ctx.args.max_grad_norm or 0) > 0:
                 say_once(logger, logging.WARNING, layerwise_clip_message(self.name, ctx.args.max_grad_norm))
         say_once(logger, *lr_message(self.name, ctx.options(self.name), ctx.args.learning_rate))

@@ -107,7 +107,13 @@ from hf_lowmem import Plugin, anatomy, hookimpl
 from hf_lowmem.errors import PluginError
 from hf_lowmem_plugins.lr_evidence import Measured, advice, measured_sentence, say_once
 from hf_lowmem_plugins.lr_evidence import lr_message as evidence_message
-from hf_lowmem_plugins.galore_layerwise import STATE_KEY, LayerwiseOptimizer, _LayerwiseImpl, layerwise_callback
+from hf_lowmem_plugins.galore_layerwise import (
+    STATE_KEY,
+    LayerwiseOptimizer,
+    _LayerwiseImpl,
+    layerwise_callback,
+    refuse_fp16,
+)
 from hf_lowmem_plugins.galore_projector import (PROJ_METHODS, GaLoreProjector, effective_method,  # noqa: F401
                                                 top_singular_vectors)
 
@@ -241,9 +247,8 @@ class GaLorePlugin(Plugin):
         self.cls_name, self.layerwise = cls_name, layerwise
 
     def validate(self, ctx):
-        if self.layerwise and getattr(ctx.args, "fp16", False):
-            raise PluginError(f"plugin {self.name!r} updates parameters inside backward, before a fp16 gradient scaler "
-                              "could unscale and check the gradients: train with bf16=True (or fp32) instead of fp16")
+        if self.layerwise:
+            refuse_fp16(self.name, ctx.args)
         say_once(logger, *lr_message(self.name, ctx.options(self.name), ctx.args.learning_rate))
 
     def callbacks(self, ctx):

@@ -192,6 +192,14 @@ def _find_ddp(model):
     return None
 
 
+def refuse_fp16(name: str, args) -> None:
+    """Layer-wise updates run inside backward, before a fp16 gradient scaler could unscale and check the
+    gradients: refused in one line (GaLore's and APOLLO's layer-wise plugins)."""
+    if getattr(args, "fp16", False):
+        raise PluginError(f"plugin {name!r} updates parameters inside backward, before a fp16 gradient scaler could "
+                          "unscale and check the gradients: train with bf16=True (or fp32) instead of fp16")
+
+
 def layerwise_callback(get_optimizer):
     """The ``TrainerCallback`` every layer-wise plugin adds (GaLore's and APOLLO's): it attaches the optimizer's
     per-parameter hooks when ``train()`` begins (and takes over DDP's gradient synchronisation), detaches them
