@@ -139,3 +139,18 @@ def test_smoke_runs_the_whole_sequence(tmp_path):
     assert s["disk"]["ssd13b"]["predicted_read_gb"] >= 0 and "missing" not in s
     # the SSD tier is the RAM tier's arithmetic with the state in files
     assert s["train_loss_diff"] <= 1e-4
+
+
+def test_worker_stops_after_a_timed_step_when_its_time_is_up(tmp_path):
+    """``--stop-by`` (set by ssd_bench under its --deadline): a worker whose time is up ends training after the first
+    timed step and still prints its row, saying so, instead of being killed with nothing."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, str(ROOT / "bench" / "stream_bench.py"), "--worker", "ceiling", "--smoke", "--layers", "2",
+           "--seq", "16", "--mb", "1", "--ga", "1", "--steps", "5", "--workers", "0", "--out-dir", str(tmp_path),
+           "--shape", "llama2-13b", "--stop-by", "1"]  # 1 s after the epoch: already past
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = json.loads(lines[-1][7:])
+    assert len(row["step_times_s"]) == 2 and row["stopped_early"].startswith("after 2 of 5 steps")
+    assert row["shape"] == "llama2-13b" and row["layers"] == 2
