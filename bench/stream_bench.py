@@ -52,15 +52,26 @@ ENGINE_MODES = ("stream", "exact", "compact")
 DEFAULT_HOST_GIB = {"compact": 32.0, "stream": 64.0, "exact": 120.0}
 
 
-def llama_config(layers: int, smoke: bool):
-    from transformers import LlamaConfig
+def llama_config(layers: int | None, smoke: bool, shape: str = "llama2-7b"):
+    """The benchmark model's config: the planner's preset ``shape`` (``hf_lowmem.planner.shapes.PRESETS``, the one
+    place the project keeps model shapes), sliced to ``layers`` decoder layers (``None`` or 0: all of the preset's).
 
+    ``smoke``: the preset scaled down for the CPU: heads / 8 (at least 1) of head size 16, MLP / 64, vocab 512, and
+    by default layers / 8, so llama2-7b becomes 4 layers of hidden 64 and llama2-13b 5 layers of hidden 80."""
+    from hf_lowmem.planner import preset_config
+
+    full = preset_config(shape)
     if smoke:
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=256)
+        heads = max(1, full.num_attention_heads // 8)
+        kv = max(1, (full.num_key_value_heads or full.num_attention_heads) // 8)
+        while heads % kv:
+            kv -= 1
+        cfg = preset_config(shape, hidden_size=16 * heads, intermediate_size=max(16, full.intermediate_size // 64),
+                            num_attention_heads=heads, num_key_value_heads=kv, head_dim=16, vocab_size=512,
+                            max_position_embeddings=256,
+                            num_hidden_layers=layers or max(1, full.num_hidden_layers // 8))
     else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+        cfg = preset_config(shape, num_hidden_layers=layers) if layers else full
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -158,7 +169,7 @@ def worker(a) -> dict:
     if a.mode.startswith("ds_"):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     _cap(a, cuda)
-    cfg = llama_config(a.layers, a.smoke)
+    cfg = llama_config(a.layers, a.smoke, a.shape)
     hm = HostMemSampler().start()
 
     class SteadyProfile(TrainerCallback):
@@ -172,6 +183,20 @@ def worker(a) -> dict:
             if state.global_step == 1 and self.engine.dev.profile is not None:
                 self.engine.profile_totals()
                 self.engine.dev.profile.totals.clear()
+
+    stopped: list[str] = []
+
+    class StopBy(TrainerCallback):
+        """With ``--stop-by`` (a time.time() the parent will kill this run at, less a margin): end training after a
+        step when another step of the last one's length would not end before it, once a timed step exists (the
+        first is not timed). The row then says so and has fewer steps, rather than no row at all."""
+
+        def on_step_end(self, args, state, control, **kw):
+            timed = len(timer.times) >= 2 and state.global_step < args.max_steps
+            if a.stop_by and timed and time.time() + 1.2 * timer.times[-1] > a.stop_by:
+                control.should_training_stop = True
+                stopped.append(f"after {state.global_step} of {args.max_steps} steps: another step of "
+                               f"{timer.times[-1]:.1f} s would not end before the run's time is up")
 
     kw = _train_kwargs(a, cuda)
     t0 = time.perf_counter()
@@ -202,6 +227,7 @@ def worker(a) -> dict:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    trainer.add_callback(StopBy())
     with hm.phase("train"):
         out = trainer.train()
     hm.stop()
@@ -209,7 +235,9 @@ def worker(a) -> dict:
     step_s = statistics.median(steady)  # of an even count: the mean of the middle two
     tokens = a.mb * a.ga * a.seq
     row = {
-        "name": a.mode, "params_b": round(n_params / 1e9, 3), "layers": a.layers, "seq": a.seq, "micro_batch": a.mb,
+        "name": a.mode, "shape": a.shape, "params": n_params, "params_b": round(n_params / 1e9, 3),
+        "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+        "seq": a.seq, "micro_batch": a.mb,
         "grad_accum": a.ga, "workers": a.workers, "gpu_cap_gib": a.cap_gib if a.mode != "ceiling" else None,
         "peak_gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2) if cuda else None,
@@ -219,6 +247,8 @@ def worker(a) -> dict:
         "step_times_s": [round(t, 2) for t in timer.times], "train_loss": round(out.training_loss, 4),
         "build_s": round(build_s, 1), "tflops_6N": round(6 * n_params * tokens / step_s / 1e12, 1),
     }
+    if stopped:
+        row["stopped_early"] = stopped[0]
     if engine is not None:
         fm = engine.formats
         row.update(tier=engine.options.tier, master=fm.master, states=fm.states, grads=fm.grads,
@@ -245,7 +275,7 @@ def real_phase(a) -> dict:
     import torch
 
     cuda = torch.cuda.is_available() and not a.smoke
-    cfg = llama_config(a.layers, a.smoke)
+    cfg = llama_config(a.layers, a.smoke, a.shape)
     phase = a.mode.split(":", 1)[1]
     hm = HostMemSampler().start()
     row: dict = {"name": f"real:{phase}", "layers": a.layers, "tier": "compact", "workers": a.workers,
@@ -348,7 +378,11 @@ def _real_train(a, phase: str, cuda: bool, hm) -> dict:
 def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--layers", str(layers), "--seq", str(a.seq), "--mb", str(a.mb),
            "--ga", str(ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states,
-           "--host-gib", str(a.host_gib or 0), "--workers", str(a.workers), "--out-dir", a.out_dir]
+           "--host-gib", str(a.host_gib or 0), "--workers", str(a.workers), "--out-dir", a.out_dir,
+           "--shape", getattr(a, "shape", "llama2-7b")]
+    timeout = getattr(a, "run_timeout", None) or a.timeout
+    if getattr(a, "stop_margin", 0):  # the worker ends training early rather than be killed (see StopBy)
+        cmd += ["--stop-by", str(time.time() + timeout - a.stop_margin)]
     if a.real_path:
         cmd += ["--real-path", a.real_path, "--real-optimizer", a.real_optimizer]
     if getattr(a, "offload_dir", None):
@@ -358,7 +392,7 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, env=env, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
             row = json.loads(lines[-1][7:])
@@ -368,7 +402,12 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
             print(tail, file=sys.stderr)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout or "")
-        row = {"name": mode, "layers": layers, "error": f"timeout after {a.timeout}s", "log_tail": out[-2000:]}
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if lines:  # killed while exiting (freeing its memory) after it printed its row
+            row = json.loads(lines[-1][7:])
+            row["killed_after_result"] = f"timeout after {timeout}s"
+        else:
+            row = {"name": mode, "layers": layers, "error": f"timeout after {timeout}s", "log_tail": out[-2000:]}
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row["command"] = command
     print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "command")}), flush=True)
@@ -395,12 +434,15 @@ def main() -> None:
     p.add_argument("--real-optimizer", default="adamw",
                    help="lowmem_optimizer of the real path (adamw: 4-bit states; bnb-adamw8bit: 8-bit states)")
     p.add_argument("--offload-dir", default=None, help="engine runs use the SSD tier with this folder (offload_dir)")
+    p.add_argument("--shape", default="llama2-7b",
+                   help="model shape: a preset of hf_lowmem.planner (llama2-7b, llama2-13b, ...); LAYERS slices it")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--out-dir", default="/tmp/stream_bench_out", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=int, default=420, help="seconds per run")
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (checks the script only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--layers", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--stop-by", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         a.mode = a.worker
