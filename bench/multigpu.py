@@ -349,7 +349,9 @@ def _error_line(tail: str) -> str:
 
 def scaling_base(rows: list[dict], baseline: list[dict] | None = None) -> dict[str, float]:
     """Run name -> tokens/s of its 1-GPU row: this sweep's, else the baseline's."""
-    base = {r["name"]: r["tokens_per_s"] for r in (baseline or []) if r.get("processes") == 1 and "tokens_per_s" in r}
+    # rows of sweeps before run names existed carry only their mode
+    base = {r.get("name", r.get("mode")): r["tokens_per_s"] for r in (baseline or [])
+            if r.get("processes") == 1 and "tokens_per_s" in r}
     base.update({r["name"]: r["tokens_per_s"] for r in rows if r["processes"] == 1 and "tokens_per_s" in r})
     return base
 
