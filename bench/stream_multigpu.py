@@ -1,26 +1,30 @@
-"""Issue 15 benchmark: the stream engine on 1 and 2 GPUs of one machine (``torchrun``, NCCL), one host copy of
+"""Issue 15/18 benchmark: the stream engine on 1 to N GPUs of one machine (``torchrun``, NCCL), one host copy of
 the model's state for all ranks, against DeepSpeed ZeRO-3 offload at the same settings, in one invocation.
 
     python bench/stream_multigpu.py --out bench/results/stream_multigpu_7b.json     # nvidia-h200-x2
+    python bench/stream_multigpu.py --runs stream:1,stream:2,stream:4,ds_z3_offload:4 --budget-s 560 \
+        --out $OUT/stream_multigpu_7b_x4.json                                       # nvidia-h200-x4
     python bench/stream_multigpu.py --smoke       # CPU: gloo, 1 and 2 processes, tiny shape (checks the script)
 
 Default: Llama-2-7B shape (32 layers), seq 2048, micro-batch 4 per GPU, GA 8, GPU cap 8 GiB per GPU, the
 compact tier, a declared host budget of ``--host-gib`` (44) for the WHOLE machine in every run (the engine
-chooses ``stash_every`` for it: the 2-GPU run stashes every 2nd layer where the 1-GPU run stashes every
-layer, since each rank stashes its own tokens). Runs (``--runs``, in order, each one ``torchrun`` launch):
+chooses ``stash_every`` for it: with more ranks it stashes less often, since each rank stashes its own
+tokens). Runs (``--runs``, in order, each one ``torchrun`` launch; any GPU count):
 
-  stream:1           the engine on 1 GPU (``torchrun --nproc_per_node 1``: the same code path, world 1)
-  stream:2           the engine on 2 GPUs: every rank streams the same layer, owns half of every block
-  ds_z3_offload:2    stock Trainer + DeepSpeed ZeRO-3, parameters and optimizer offloaded to pinned CPU memory,
-                     gradient checkpointing (stream_bench.py's recipe), 2 GPUs; without deepspeed a row says so
+  stream:N           the engine on N GPUs (``torchrun --nproc_per_node N``; N = 1 is the same code path,
+                     world 1): every rank streams the same layer, owns 1/N of every block
+  ds_z3_offload:N    stock Trainer + DeepSpeed ZeRO-3, parameters and optimizer offloaded to pinned CPU memory,
+                     gradient checkpointing (stream_bench.py's recipe), N GPUs; without deepspeed a row says so
 
 The parent samples the host memory of the launcher's whole process tree (torchrun's agent, every rank, their
 DataLoader workers: bench/hostmem.py, Pss, page-locked and shared memory counted once): ``host_used_gib`` is its
 peak over the run, with ``phases.build`` (until rank 0 has built its trainer) and ``phases.train``. One JSON row
 per run: tokens/s of the whole job (GPUs x micro-batch x GA x seq over the median steady step of rank 0), the
-largest peak GPU allocation of any rank, stash_every, the losses; then a ``summary`` row: ``scaling`` (tokens/s on
-2 GPUs over 1; target >= 1.8), ``host_ratio`` (host_used on 2 GPUs over 1; target <= 1.15) and the stream engine's
-speed and host memory against DeepSpeed's on 2 GPUs. Rows are written after every run.
+largest peak GPU allocation of any rank, stash_every, the losses; then a ``summary`` row whose ``by_gpus``
+gives, for every N that ran, the speed-up over ``stream:1`` (target >= 0.9 N), the efficiency, ``host_ratio``
+(host_used at N over 1; target <= 1.15) and the stream engine against DeepSpeed at the same N (the 2-GPU
+figures also as the top-level ``scaling`` / ``host_ratio`` keys of the first version). Rows are written after
+every run. ``--budget-s`` keeps one command under the device machine's 10-minute limit (later runs: skipped).
 
 ``--init rank0``: ranks other than 0 build the model on the meta device (rank 0's weights and buffers are used:
 one model in host memory while loading, instead of one per process).
@@ -66,6 +70,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (forked)")
     p.add_argument("--init", default="all", choices=["all", "rank0"], help="which ranks build the model's weights")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run (a hung run is killed with its ranks)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no run later than this many seconds minus 60 "
+                   "into the command, and cut each run's timeout to what is left (default: no limit)")
     p.add_argument("--out", default=None, help="JSON file the rows are written to")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny shape: checks the script only")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -175,7 +181,7 @@ def _deepspeed_missing() -> str | None:
     return None
 
 
-def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
+def launch(a: argparse.Namespace, spec: str, work: Path, command: str, timeout: float | None = None) -> dict:
     mode, gpus = spec.split(":")
     gpus = int(gpus)
     row: dict = {"name": spec, "mode": mode, "gpus": gpus, "layers": a.layers, "seq": a.seq, "micro_batch": a.mb,
@@ -202,6 +208,7 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
                os.environ.get("OMP_NUM_THREADS", "8"), TOKENIZERS_PARALLELISM="false")
     if not a.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    limit = a.timeout if timeout is None else timeout
     t0 = time.perf_counter()
     rc: int | str
     with open(work / f"{result.name}.log", "w") as log:
@@ -212,11 +219,11 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
                 while proc.poll() is None and not Path(f"{result}.built").exists():
                     time.sleep(0.25)
             with hm.phase("train"):
-                rc = proc.wait(timeout=max(1, a.timeout - (time.perf_counter() - t0)))
+                rc = proc.wait(timeout=max(1, limit - (time.perf_counter() - t0)))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks (their own session)
             proc.wait()
-            rc = f"timeout after {a.timeout}s"
+            rc = f"timeout after {limit:.0f}s"
         hm.stop()
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     row.update(hm.result())
@@ -237,20 +244,54 @@ def launch(a: argparse.Namespace, spec: str, work: Path, command: str) -> dict:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Per GPU count N: the stream engine's speed-up over its 1-GPU run (``speedup``, target >= 0.9 N: 1.8 on 2
+    GPUs), scaling efficiency (speed-up / N), host memory over the 1-GPU run (``host_ratio``, target <= 1.15: one
+    host copy of the model for all ranks), and against DeepSpeed ZeRO-3 offload at the same N. The 2-GPU keys of
+    the first version (``scaling``, ``host_ratio``, ``stream_vs_deepspeed_*``) stay, from ``by_gpus["2"]``."""
     by = {r["name"]: r for r in rows if "tokens_per_s" in r}
-    s: dict = {"name": "summary"}
-    one, two, ds = by.get("stream:1"), by.get("stream:2"), by.get("ds_z3_offload:2")
-    if one and two:
-        s["scaling"] = round(two["tokens_per_s"] / one["tokens_per_s"], 3)
-        s["scaling_target"] = 1.8
-        s["host_ratio"] = round(two["host_used_gib"] / one["host_used_gib"], 3)
-        s["host_ratio_target"] = 1.15
-        s["host_ratio_train_phase"] = round(two["phases"]["train"]["host_used_gib"] /
-                                            one["phases"]["train"]["host_used_gib"], 3)
-    if two and ds:
-        s["stream_vs_deepspeed_tokens_per_s"] = round(two["tokens_per_s"] / ds["tokens_per_s"], 3)
-        s["stream_vs_deepspeed_host_used"] = round(two["host_used_gib"] / ds["host_used_gib"], 3)
+    s: dict = {"name": "summary", "by_gpus": {}}
+    one = by.get("stream:1")
+    counts = sorted({int(n.split(":")[1]) for n in by})
+    for n in counts:
+        cur, ds = by.get(f"stream:{n}"), by.get(f"ds_z3_offload:{n}")
+        d: dict = {}
+        if one and cur and n > 1:
+            d["speedup"] = round(cur["tokens_per_s"] / one["tokens_per_s"], 3)
+            d["speedup_target"] = round(0.9 * n, 2)
+            d["efficiency"] = round(d["speedup"] / n, 3)
+            d["host_ratio"] = round(cur["host_used_gib"] / one["host_used_gib"], 3)
+            d["host_ratio_target"] = 1.15
+            d["host_ratio_train_phase"] = round(cur["phases"]["train"]["host_used_gib"] /
+                                                one["phases"]["train"]["host_used_gib"], 3)
+        if cur and ds:
+            d["stream_vs_deepspeed_tokens_per_s"] = round(cur["tokens_per_s"] / ds["tokens_per_s"], 3)
+            d["stream_vs_deepspeed_host_used"] = round(cur["host_used_gib"] / ds["host_used_gib"], 3)
+        if ds and by.get("ds_z3_offload:1") and n > 1:
+            d["deepspeed_speedup"] = round(ds["tokens_per_s"] / by["ds_z3_offload:1"]["tokens_per_s"], 3)
+        if d:
+            s["by_gpus"][str(n)] = d
+    two = s["by_gpus"].get("2", {})
+    if "speedup" in two:
+        s.update(scaling=two["speedup"], scaling_target=1.8, host_ratio=two["host_ratio"], host_ratio_target=1.15,
+                 host_ratio_train_phase=two["host_ratio_train_phase"])
+    for k in ("stream_vs_deepspeed_tokens_per_s", "stream_vs_deepspeed_host_used"):
+        if k in two:
+            s[k] = two[k]
     return s
+
+
+def parse_runs(runs: str) -> list[str]:
+    """``MODE:GPUS,...`` checked: modes stream / ds_z3_offload, GPUS a positive integer."""
+    out = []
+    for spec in (x.strip() for x in runs.split(",")):
+        if not spec:
+            continue
+        mode, _, n = spec.partition(":")
+        if mode not in ("stream", "ds_z3_offload") or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--runs: {spec!r} is not MODE:GPUS (modes stream, ds_z3_offload; GPUS >= 1), "
+                             "e.g. stream:1,stream:4,ds_z3_offload:4")
+        out.append(f"{mode}:{int(n)}")
+    return out
 
 
 def main(argv=None) -> int:
@@ -261,16 +302,26 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    if not a.smoke and torch.cuda.device_count() < max(int(s.split(":")[1]) for s in a.runs.split(",")):
-        raise SystemExit(f"{a.runs} needs {max(int(s.split(':')[1]) for s in a.runs.split(','))} GPUs, "
-                         f"this machine has {torch.cuda.device_count()}: run with --smoke for the CPU check")
+    runs = parse_runs(a.runs)
+    need = max(int(r.split(":")[1]) for r in runs)
+    if not a.smoke and torch.cuda.device_count() < need:
+        raise SystemExit(f"{a.runs} needs {need} GPUs, this machine has {torch.cuda.device_count()}: ask for fewer "
+                         "(--runs), or run with --smoke for the CPU check")
     command = "python bench/stream_multigpu.py " + " ".join(argv)
     work = Path(a.out).with_suffix("") if a.out else Path("/tmp/stream_multigpu")
     work = work.parent / (work.name + "-runs")
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for spec in a.runs.split(","):
-        rows.append(launch(a, spec.strip(), work, command))
+    t_start = time.perf_counter()
+    for spec in runs:
+        left = None if a.budget_s is None else a.budget_s - (time.perf_counter() - t_start)
+        if left is not None and left < 60:
+            mode, gpus = spec.split(":")
+            rows.append({"name": spec, "mode": mode, "gpus": int(gpus), "skipped": f"budget: {max(left, 0):.0f} s of "
+                         f"--budget-s {a.budget_s:.0f} left", "command": command})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "command"}), flush=True)
+        else:
+            rows.append(launch(a, spec, work, command, None if left is None else min(a.timeout, left)))
         _write(a.out, command, a.smoke, rows)
     rows.append(summary(rows))
     _write(a.out, command, a.smoke, rows)
@@ -284,6 +335,8 @@ def main(argv=None) -> int:
         print(f"| {r['name']} | {r['gpus']} | {r.get('tokens_per_s', '-')} | {r.get('step_s_median', '-')} | "
               f"{r.get('stash_every', '-')} | {r.get('peak_gpu_allocated_gib', '-')} | {host} | "
               f"{r.get('skipped') or r.get('error') or ''} |")
+    for n, d in rows[-1]["by_gpus"].items():
+        print(f"{n} GPUs: " + ", ".join(f"{k} {v}" for k, v in d.items()))
     failed = [r for r in rows if "error" in r]
     return 1 if failed else 0
 
