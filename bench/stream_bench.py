@@ -126,6 +126,7 @@ def _engine_args(a, kw: dict, optimizer: str | None = None):
         opts["states"] = a.states
     if getattr(a, "offload_dir", None):  # the SSD tier (bench/ssd_bench.py): masters and states in files there
         opts["offload_dir"] = a.offload_dir
+    opts.update(json.loads(getattr(a, "stream_options", None) or "{}"))  # e.g. '{"states": "8bit", "stash_every": 4}'
     host = a.host_gib if a.host_gib else DEFAULT_HOST_GIB[a.mode]
     # declared: the GPU machine's VM reports less RAM available than it has until it is used
     return LowMemTrainingArguments(**kw, lowmem_optimizer=optimizer, lowmem_offload=["stream"], lowmem_options={"stream": opts},
@@ -387,6 +388,8 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
         cmd += ["--real-path", a.real_path, "--real-optimizer", a.real_optimizer]
     if getattr(a, "offload_dir", None):
         cmd += ["--offload-dir", a.offload_dir]
+    if getattr(a, "stream_options", None):
+        cmd += ["--stream-options", a.stream_options]
     if a.smoke:
         cmd.append("--smoke")
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", CUBLAS_WORKSPACE_CONFIG=":4096:8")
@@ -425,6 +428,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--cap-gib", type=float, default=8.0)
     p.add_argument("--states", default="8bit", help="optimizer states of the 'stream' mode: 8bit or fp32")
+    p.add_argument("--stream-options", default=None,
+                   help='JSON merged into the engine runs\' stream options, e.g. \'{"states": "8bit", "stash_every": 4}\'')
     p.add_argument("--host-gib", type=float, default=None,
                    help="host budget declared to the engine (default: compact 32, stream 64, exact 120)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of every run (forked)")
