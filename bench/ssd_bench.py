@@ -54,8 +54,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import one_gpu
-from stream_bench import _child, _write
+from benchlib import one_gpu, write_rows
+from stream_bench import _child
 
 RUNS = ("ceiling", "ram", "ssd", "ssd13b")
 #: seconds a worker keeps, after the step it stops at, to finish and print its row (the parent kills it at its timeout)
@@ -223,7 +223,7 @@ def main(argv=None) -> None:
                 if where and not a.keep:
                     _remove_blocks(where)  # frees the disk for the next run
             rows.append(row)
-            _write(a.out, command, a.smoke, rows)  # after every run, so a killed command keeps what it measured
+            write_rows(a.out, command, a.smoke, rows)  # after every run, so a killed command keeps what it measured
     finally:
         if not a.keep:
             for sub in ("ssd", "ssd13b"):
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     rows.append(summary(rows))
     rows[-1]["wall_s"] = round(time.perf_counter() - t_start, 1)
-    _write(a.out, command, a.smoke, rows)
+    write_rows(a.out, command, a.smoke, rows)
     print(json.dumps(rows[-1]), flush=True)
     print("\n| run | shape | layers | GA | peak GPU alloc GiB | host used GiB | tokens/s | step s | TFLOP/s (6N) | "
           "SSD files GiB | wall s |")

@@ -43,8 +43,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import one_gpu, random_tokens, step_timer
-from benchlib import write_rows as _write
+from benchlib import one_gpu, random_tokens, step_timer, write_rows
 from hostmem import HostMemSampler
 
 GiB = 2**30
@@ -462,7 +461,7 @@ def main() -> None:
     for spec in specs:
         mode, layers, *ga = spec.split(":")  # MODE:LAYERS[:GRAD_ACCUM]
         rows.append(_child(a, mode, 2 if a.smoke else int(layers), int(ga[0]) if ga else a.ga, command))
-        _write(a.out, command, a.smoke, rows)  # after every run, so a killed command keeps what it measured
+        write_rows(a.out, command, a.smoke, rows)  # after every run, so a killed command keeps what it measured
     for r in rows:  # ratios within this run
         for other in rows:
             if other is not r and other.get("layers") == r.get("layers") and "tokens_per_s" in r and "tokens_per_s" in other:
@@ -470,7 +469,7 @@ def main() -> None:
                 r[f"ratio_vs_{tag}"] = round(r["tokens_per_s"] / other["tokens_per_s"], 3)
     if a.real_path:
         rows += real_path(a, command)
-    _write(a.out, command, a.smoke, rows)
+    write_rows(a.out, command, a.smoke, rows)
     print("\n| run | layers | workers | cap GiB | peak GPU alloc GiB | host used GiB | peak RSS GiB | tokens/s | ratios |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -489,7 +488,7 @@ def real_path(a, command: str) -> list[dict]:
     for phase in ("write", "uninterrupted", "first", "resume", "reload"):
         row = _child(a, f"real:{phase}", layers, a.ga, command)
         rows.append(row)
-        _write(a.out, command, a.smoke, rows)
+        write_rows(a.out, command, a.smoke, rows)
         if "error" in row:
             break
     by = {r["name"]: r for r in rows}

@@ -45,8 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import random_tokens, step_timer
-from benchlib import write_rows as _write
+from benchlib import random_tokens, step_timer, write_rows
 from hostmem import HostMemSampler
 
 GiB = 2**30
@@ -322,9 +321,9 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "command"}), flush=True)
         else:
             rows.append(launch(a, spec, work, command, None if left is None else min(a.timeout, left)))
-        _write(a.out, command, a.smoke, rows)
+        write_rows(a.out, command, a.smoke, rows)
     rows.append(summary(rows))
-    _write(a.out, command, a.smoke, rows)
+    write_rows(a.out, command, a.smoke, rows)
     print(json.dumps(rows[-1]))
     print("\n| run | GPUs | tokens/s | step s | stash_every | peak GPU alloc GiB | host used GiB (build / train) | note |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -175,31 +175,29 @@ def _read_int(path: str) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), or ``None`` when there is none."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+def _cgroup_int(v2: str, v1: str) -> int | None:
+    """A cgroup memory file: the v2 name, else the v1 one, or ``None`` where neither reads."""
+    for path in (f"/sys/fs/cgroup/{v2}", f"/sys/fs/cgroup/memory/{v1}"):
         v = _read_int(path)
-        if v is not None and v < 2**60:
+        if v is not None:
             return v
     return None
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1), or ``None`` when there is none."""
+    v = _cgroup_int("memory.max", "memory.limit_in_bytes")
+    return v if v is not None and v < 2**60 else None
 
 
 def cgroup_memory_current() -> int | None:
     """Bytes charged to this process's cgroup now (page cache included), or ``None`` where unreadable."""
-    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
-        v = _read_int(path)
-        if v is not None:
-            return v
-    return None
+    return _cgroup_int("memory.current", "memory.usage_in_bytes")
 
 
 def cgroup_memory_peak() -> int | None:
     """The cgroup's high-water mark since it was created (``memory.peak``), or ``None``."""
-    for path in ("/sys/fs/cgroup/memory.peak", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes"):
-        v = _read_int(path)
-        if v is not None:
-            return v
-    return None
+    return _cgroup_int("memory.peak", "memory.max_usage_in_bytes")
 
 
 def mem_available() -> int:
