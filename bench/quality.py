@@ -12,8 +12,8 @@ Regimes (``--regimes``):
   AdamW's learning rate (the "user's") 5e-5.
 - ``pretrain``: a ~25M-parameter Llama trained from scratch on the same corpus read as bytes (vocab 256),
   seq 512. AdamW's learning rate 1e-3.
-Same data in the same order (shuffled once, seed 0), same seed, same steps, cosine schedule with 10%
-warm-up, weight decay 0, ``max_grad_norm`` 1.0, bf16 autocast of fp32 weights on the GPU, fp32 on the CPU.
+Same data in the same order (shuffled once, seed 0; ``--set REGIME.seed=N`` for another), same seed, same
+steps, cosine schedule with 10% warm-up, weight decay 0, ``max_grad_norm`` 1.0, bf16 autocast of fp32 weights on the GPU, fp32 on the CPU.
 
 Recipes (``--recipes``): ``adamw`` (the baseline: a plain LowMemTrainer with no plugin, the Trainer's
 AdamW), any registered plugin by name (selected under its kind, with its defaults), and the presets in
@@ -63,15 +63,15 @@ DEFAULT_RANK = {"galore-": 128, "apollo-mini": 1, "apollo": 256}
 #: per regime and preset: model, data and schedule
 REGIMES = {
     "finetune": {
-        "gpu": dict(steps=200, seq=512, batch=8, lr=5e-5, eval_blocks=64, layers=None),
-        "cpu": dict(steps=40, seq=128, batch=4, lr=5e-5, eval_blocks=16, layers=2),
-        "smoke": dict(steps=2, seq=32, batch=2, lr=5e-5, eval_blocks=2, layers=1),
+        "gpu": dict(steps=200, seq=512, batch=8, lr=5e-5, eval_blocks=64, layers=None, seed=0),
+        "cpu": dict(steps=40, seq=128, batch=4, lr=5e-5, eval_blocks=16, layers=2, seed=0),
+        "smoke": dict(steps=2, seq=32, batch=2, lr=5e-5, eval_blocks=2, layers=1, seed=0),
     },
     "pretrain": {
         # ~25M parameters: 8 layers x (4 x 512^2 + 3 x 512 x 1376) + 2 x 256 x 512
-        "gpu": dict(steps=300, seq=512, batch=16, lr=1e-3, eval_blocks=64, hidden=512, inter=1376, layers=8, heads=8),
-        "cpu": dict(steps=200, seq=128, batch=8, lr=1e-3, eval_blocks=32, hidden=128, inter=344, layers=4, heads=4),
-        "smoke": dict(steps=2, seq=32, batch=2, lr=1e-3, eval_blocks=2, hidden=32, inter=64, layers=1, heads=2),
+        "gpu": dict(steps=300, seq=512, batch=16, lr=1e-3, eval_blocks=64, hidden=512, inter=1376, layers=8, heads=8, seed=0),
+        "cpu": dict(steps=200, seq=128, batch=8, lr=1e-3, eval_blocks=32, hidden=128, inter=344, layers=4, heads=4, seed=0),
+        "smoke": dict(steps=2, seq=32, batch=2, lr=1e-3, eval_blocks=2, hidden=32, inter=64, layers=1, heads=2, seed=0),
     },
 }
 
@@ -443,9 +443,9 @@ def main(argv=None) -> int:
             t0 = time.time()
             n_train, n_eval = cfg["steps"] * cfg["batch"] * cfg["seq"], cfg["eval_blocks"] * cfg["seq"]
             if reg == "finetune":
-                train, ev = tokenize_corpus(a.model, a.corpus, n_train, n_eval, cfg["seq"])
+                train, ev = tokenize_corpus(a.model, a.corpus, n_train, n_eval, cfg["seq"], cfg.get("seed", 0))
             else:
-                train, ev = byte_blocks(a.corpus, n_train, n_eval, cfg["seq"])
+                train, ev = byte_blocks(a.corpus, n_train, n_eval, cfg["seq"], cfg.get("seed", 0))
             torch.save({"train": train, "eval": ev}, work / f"{reg}.data.pt")
             print(f"{reg}: {len(train)} train blocks, {len(ev)} eval blocks of {cfg['seq']} tokens "
                   f"({time.time() - t0:.1f}s); device {'cuda' if cuda else 'cpu'}", flush=True)
@@ -507,7 +507,7 @@ def build_model(job: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = job["config"]
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.get("seed", 0))
     if job["regime"] == "finetune":
         kw = {"num_hidden_layers": cfg["layers"]} if cfg.get("layers") else {}
         return AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32, **kw)
@@ -554,7 +554,7 @@ def worker(job_path: str) -> int:
         output_dir=job["output_dir"], max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
         per_device_eval_batch_size=cfg["batch"], learning_rate=job["lr"], lr_scheduler_type="cosine",
         warmup_steps=max(1, cfg["steps"] // 10), weight_decay=0.0, max_grad_norm=1.0, bf16=cuda, use_cpu=not cuda,
-        logging_steps=max(1, cfg["steps"] // 10), save_strategy="no", eval_strategy="no", report_to="none", seed=0,
+        logging_steps=max(1, cfg["steps"] // 10), save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.get("seed", 0),
         dataloader_num_workers=0, disable_tqdm=True, lowmem_telemetry=False,
     )
     args.update(job["overrides"])

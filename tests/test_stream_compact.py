@@ -1,5 +1,5 @@
 """The stream engine's host tiers (issue 12): the compact tier (bf16 masters with stochastic rounding, 4-bit
-AdamW states, 8-bit stored gradients) trains, resumes exactly and takes the bytes per parameter it is designed
+AdamW states rounded stochastically, 8-bit stored gradients) trains, resumes exactly and takes the bytes per parameter it is designed
 to; ``stash_every`` groups are lossless; the low-bit pieces are checked one by one."""
 
 from __future__ import annotations
@@ -75,6 +75,30 @@ def test_compact_tier_resumes_with_the_same_losses(tmp_path, options):
 
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "checkpoint-3"))
     assert loaded.dtype == torch.bfloat16
+
+
+def test_checkpoint_of_the_older_4bit_second_moment_is_refused(tmp_path):
+    """4-bit second-moment codes now hold sqrt(v); a checkpoint whose codes held v (it does not record
+    ``second_moment``) is refused in one line instead of resuming with garbage states."""
+    from hf_lowmem.errors import PluginError
+
+    _run(tmp_path, COMPACT, max_steps=2, save_strategy="steps", save_steps=2)
+    path = tmp_path / "checkpoint-2" / "optimizer.pt"
+    sd = torch.load(path, weights_only=False)
+    assert sd["formats"] == {"master": "bf16", "states": "4bit", "second_moment": "sqrt"}
+    del sd["formats"]["second_moment"]
+    torch.save(sd, path)
+    import json
+
+    from hf_lowmem.checkpoint import MANIFEST_NAME, file_digest
+
+    man_path = tmp_path / "checkpoint-2" / MANIFEST_NAME  # the edit is deliberate: re-seal the file's size and hash
+    man = json.loads(man_path.read_text())
+    man["files"]["optimizer.pt"].update(size=path.stat().st_size, hash=file_digest(path, algorithm=man["hash"]))
+    man_path.write_text(json.dumps(man))
+    with pytest.raises(PluginError, match=r"earlier hf-lowmem, whose second-moment codes held v .*train without "
+                                          r"resume_from_checkpoint"):
+        _run(tmp_path, COMPACT, resume=str(tmp_path / "checkpoint-2"), max_steps=4)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -172,6 +196,27 @@ def test_4bit_quantization_error_is_bounded():
         assert err.max() <= bound + 1e-6  # half the widest gap of the code book (v: its lowest code, 1/16)
         assert err.max() > bound / 4  # and the bound is not vacuous
     assert (y > 0).all()  # the second moment never rounds to zero
+
+
+def test_4bit_stochastic_rounding_is_unbiased():
+    """The moments' stochastic quantization averages to the value; nearest rounding keeps a small step of an
+    exponential average (the case it exists for) from ever moving the stored value."""
+    book = lowbit.Codebook.get(lowbit.MAP_UNSIGNED_4BIT, torch.device("cpu"))
+    x = torch.full((128,), 0.3)
+    x[0] = 1.0  # the block's scale
+    draws, gen = 400, torch.Generator().manual_seed(0)
+    codes, scales = torch.empty(64, dtype=torch.uint8), torch.empty(1)
+    mean = torch.zeros(128)
+    for _ in range(draws):
+        lowbit.quantize_4bit(x, book, codes, scales, gen)
+        mean += lowbit.dequantize_4bit(codes, scales, book) / draws
+    assert abs(mean[1:].mean().item() - 0.3) < 2e-3  # 0.3 lies between the codes 0.25 and 0.3125
+    lowbit.quantize_4bit(x, book, codes, scales)
+    assert lowbit.dequantize_4bit(codes, scales, book)[1].item() == 0.3125  # nearest: biased by +0.0125
+    again = torch.empty_like(codes)
+    lowbit.quantize_4bit(x, book, codes, scales, torch.Generator().manual_seed(1))
+    lowbit.quantize_4bit(x, book, again, scales, torch.Generator().manual_seed(1))
+    assert torch.equal(codes, again)  # seeded: a resume draws the same codes
 
 
 def test_4bit_map_matches_its_definition():

@@ -43,7 +43,7 @@ class FileCheckpoints:
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def index(self) -> dict:
-        return {"format": FORMAT, "master": self.formats.master, "states": self.formats.states,
+        return {"format": FORMAT, **self.formats.stored(),
                 "checksum": self.algorithm, "io_align": aio.IO_ALIGN,
                 "blocks": [{"file": os.path.basename(self.paths[k]), "bytes": self.block_bytes[k],
                             "generation": self.generation[k], "digests": dict(self.digests[k]),
@@ -85,10 +85,9 @@ class FileCheckpoints:
             raise CheckpointError(f"{src}/{INDEX_NAME} cannot be read ({e}); resume from an earlier checkpoint") from None
         if idx.get("format") != FORMAT:
             raise CheckpointError(f"{src}/{INDEX_NAME} has format {idx.get('format')!r}, this engine reads {FORMAT!r}; {fix}")
-        here = (self.formats.master, self.formats.states)
-        if (idx.get("master"), idx.get("states")) != here:
-            raise CheckpointError(f"checkpoint {folder!r} keeps {idx.get('master')} masters and {idx.get('states')} "
-                                  f"states; this run keeps {here[0]} and {here[1]}; {fix}")
+        why = self.formats.mismatch(idx)
+        if why:
+            raise CheckpointError(f"checkpoint {folder!r}: {why}")
         blocks = idx.get("blocks") or []
         if len(blocks) != len(self.layouts):
             raise CheckpointError(f"checkpoint {folder!r} has {len(blocks)} blocks, this model {len(self.layouts)}; {fix}")
@@ -139,7 +138,7 @@ class FileCheckpoints:
         index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
                   for g in opt.param_groups]
-        return {"format": OPT_FORMAT, "formats": {"master": self.formats.master, "states": self.formats.states},
+        return {"format": OPT_FORMAT, "formats": self.formats.stored(),
                 "param_groups": groups, "steps": list(opt.steps), "state": {},
                 "generator": opt.generator.get_state() if opt.generator is not None else None,
                 "offload": {"digests": [dict(d) for d in self.digests], "generation": list(self.generation)}}
@@ -150,9 +149,9 @@ class FileCheckpoints:
             got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
             raise PluginError(f"this optimizer state ({got}) was not written by the SSD tier ({OPT_FORMAT}); it keeps "
                               f"its states in optimizer.pt: resume it without offload_dir; {fix}")
-        here = {"master": self.formats.master, "states": self.formats.states}
-        if sd.get("formats") != here:
-            raise PluginError(f"the checkpoint keeps {sd.get('formats')}, this run {here}; {fix}")
+        why = self.formats.mismatch(sd.get("formats") or {})
+        if why:
+            raise PluginError(why)
         if len(sd["steps"]) != len(self.layouts) or len(sd["param_groups"]) != len(opt.param_groups):
             raise PluginError(f"the checkpoint's optimizer state has {len(sd['steps'])} blocks and "
                               f"{len(sd['param_groups'])} groups, this model {len(self.layouts)} and "

@@ -11,13 +11,14 @@ State formats:
     bitsandbytes' block-wise 8-bit AdamW states (2 bytes/param plus one fp32 scale per 256 values), updated
     with bitsandbytes' fused 8-bit kernel (the arithmetic of ``bnb.optim.AdamW8bit``).
 ``4bit``
-    block-wise 4-bit moments (~1.06 bytes/param, :mod:`hf_lowmem.engine.lowbit`), dequantized to fp32 for
-    the update and quantized again, in chunks of 4M values.
+    block-wise 4-bit moments (~1.06 bytes/param, :mod:`hf_lowmem.engine.lowbit`; the second moment stored
+    as ``sqrt(v)``), dequantized to fp32 for the update and quantized again with stochastic rounding, in
+    chunks of 4M values.
 
 Tensors under ``min_quant_size`` values (norm weights, biases) keep fp32 states in every format, as
-bitsandbytes does. bf16 master weights are updated in fp32 and written back with stochastic rounding from a
-seeded generator whose state is part of :meth:`StreamAdamW.state_dict`, so a resumed run draws the same
-numbers.
+bitsandbytes does. bf16 master weights are updated in fp32 and written back with stochastic rounding (and
+4-bit moments quantized with it) from a seeded generator whose state is part of :meth:`StreamAdamW.state_dict`,
+so a resumed run draws the same numbers.
 
 ``step()`` does not touch the weights: it records the learning rates and the clipping coefficient, and the
 engine applies the update the next time each block is brought to the device (or at
@@ -57,7 +58,7 @@ class StreamAdamW(torch.optim.Optimizer):
         self.steps = [0] * len(store.layouts)  # updates applied to each block
         self._qmaps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.generator: torch.Generator | None = None
-        if self.formats.master == "bf16":
+        if self.formats.master == "bf16" or self.formats.states == "4bit":  # stochastic rounding
             self.generator = torch.Generator(device=engine.dev.device)
             self.generator.manual_seed(int(seed) + 0x5EED + 7919 * store.rank)
         # each rank's generator state, readable by rank 0 when it writes a checkpoint (see publish_generator); one
@@ -97,7 +98,7 @@ class StreamAdamW(torch.optim.Optimizer):
                 entry["master"] = self.store.master(k)
             blocks.append(entry)
         gens = self.generator_states()
-        return {"format": FORMAT, "formats": {"master": self.formats.master, "states": self.formats.states},
+        return {"format": FORMAT, "formats": self.formats.stored(),
                 "param_groups": groups, "blocks": blocks, "state": {}, "world_size": self.store.world,
                 "generator": gens[0] if gens else None, "generators": gens}
 
@@ -115,10 +116,9 @@ class StreamAdamW(torch.optim.Optimizer):
                "resume_from_checkpoint")
         if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT:
             raise PluginError(f"the optimizer state in this checkpoint was not written by the stream engine ({FORMAT}); {fix}")
-        fmts = state_dict.get("formats", {})
-        here = {"master": self.formats.master, "states": self.formats.states}
-        if fmts != here:
-            raise PluginError(f"the checkpoint keeps {fmts} (master weights, optimizer states); this run keeps {here}; {fix}")
+        why = self.formats.mismatch(state_dict.get("formats") or {})
+        if why:
+            raise PluginError(why)
         blocks = state_dict["blocks"]
         if len(blocks) != len(self.store.layouts) or len(state_dict["param_groups"]) != len(self.param_groups):
             raise PluginError(f"the checkpoint's optimizer state has {len(blocks)} blocks and "
@@ -180,7 +180,7 @@ class StreamAdamW(torch.optim.Optimizer):
         slot[8: 8 + n].copy_(state)
 
     def generator_states(self) -> list[torch.Tensor]:
-        """Every rank's generator state as last published (rank 0's first); empty without bf16 masters."""
+        """Every rank's generator state as last published (rank 0's first); empty without stochastic rounding."""
         if self.generator is None:
             return []
         self.publish_generator()
@@ -275,17 +275,17 @@ class StreamAdamW(torch.optim.Optimizer):
         mc, vc = states["m"][a // 2: b // 2], states["v"][a // 2: b // 2]
         ms, vs = states["m_scale"][a // blk: b // blk], states["v_scale"][a // blk: b // blk]
         m = lowbit.dequantize_4bit(mc, ms, bm)
-        v = lowbit.dequantize_4bit(vc, vs, bv)
+        v = lowbit.dequantize_4bit(vc, vs, bv).square_()  # the codes hold sqrt(v) (lowbit.SECOND_MOMENT)
         if clip != 1.0:
             g.mul_(clip)
         b1, b2 = betas
         m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        r = v.mul_(b2).addcmul_(g, g, value=1 - b2).sqrt_()  # sqrt(v): the denominator's root and what is stored
         w.mul_(1 - lr * wd)
-        denom = v.sqrt().div_(math.sqrt(1 - b2**step)).add_(eps)
+        denom = r.div(math.sqrt(1 - b2**step)).add_(eps)
         w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
-        lowbit.quantize_4bit(m, bm, mc, ms)
-        lowbit.quantize_4bit(v, bv, vc, vs)
+        lowbit.quantize_4bit(m, bm, mc, ms, self.generator)  # stochastic rounding: the averages do not stick
+        lowbit.quantize_4bit(r, bv, vc, vs, self.generator)
 
 
 assert CHUNK % ALIGN == 0

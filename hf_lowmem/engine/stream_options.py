@@ -100,6 +100,30 @@ class Formats:
     def lossless(self) -> bool:
         return self.master == "fp32" and self.states == "fp32" and self.grads == "compute"
 
+    def stored(self) -> dict:
+        """What a checkpoint records of the host tier's formats and a resume must match: the masters, the
+        states and, for 4-bit states, what their second-moment codes hold (``sqrt`` since it changed)."""
+        from hf_lowmem.engine.lowbit import SECOND_MOMENT
+
+        out = {"master": self.master, "states": self.states}
+        if self.states == "4bit":
+            out["second_moment"] = SECOND_MOMENT
+        return out
+
+    def mismatch(self, kept: dict) -> str | None:
+        """None if a checkpoint that recorded ``kept`` (its :meth:`stored`) resumes in these formats, else why not
+        and what to do, in one line."""
+        here = self.stored()
+        kept = {k: kept[k] for k in ("master", "states", "second_moment") if k in kept}
+        if kept == here:
+            return None
+        if kept.get("states") == "4bit" == here["states"] and "second_moment" not in kept:
+            return ("its 4-bit optimizer states were written by an earlier hf-lowmem, whose second-moment codes held v "
+                    "(they now hold sqrt(v)); continue from its weights: load the model from the checkpoint folder and "
+                    "train without resume_from_checkpoint (the optimizer states restart)")
+        return (f"the checkpoint keeps {kept}, this run {here}; resume with the tier and stream options the checkpoint "
+                "was written with, or start without resume_from_checkpoint")
+
 
 def resolve_formats(opts: StreamOptions | None, optimizer_name: str | None = None) -> Formats:
     """The formats ``opts`` select (``auto`` resolved by tier and optimizer); one rule, used by the engine and
