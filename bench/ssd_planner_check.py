@@ -30,10 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TBW = 1200.0  # TB written a typical 2 TB consumer NVMe is rated for
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ssd_planner_check.json")
 
-#: the measured run (bench/results/ssd_7b_ssd.json) and its disk (bench/results/disk_h200x2.json)
-MEASURED_7B = {"file": "bench/results/ssd_7b_ssd.json", "step_times_s": [23.08, 23.06, 28.42],
-               "step_s_steady_mean": 25.738, "engine_disk_s": 25.101, "engine_compute_s": 8.193,
-               "engine_read_bytes": 33041661952, "engine_write_bytes": 20636516352}
+#: the measured runs, by scenario: 7B (bench/results/ssd_7b_ssd.json; its disk: bench/results/disk_h200x2.json) and
+#: 13B (bench/results/ssd_13b.json, a later call; its engine's probe read 1.416 and wrote 1.83 GB/s there)
+MEASURED = {
+    "7b-measured": {"file": "bench/results/ssd_7b_ssd.json", "row": 0, "step_times_s": [23.08, 23.06, 28.42],
+                    "step_s_steady_mean": 25.738, "engine_disk_s": 25.101, "engine_compute_s": 8.193,
+                    "engine_read_bytes": 33041661952, "engine_write_bytes": 20636516352},
+    "13b-2.1GBps": {"file": "bench/results/ssd_13b.json", "row": 1, "step_times_s": [43.54, 52.1, 57.18],
+                    "step_s_steady_mean": 54.64, "engine_disk_s": 67.189, "engine_compute_s": 13.848,
+                    "engine_read_bytes": 64296366080, "engine_write_bytes": 39861145600},
+}
 
 # name, model, gpu, host, micro-batch, accumulation, stream options, disk size, disks, read GB/s, write GB/s
 SCENARIOS = [
@@ -113,8 +119,8 @@ def row_for(name, model, gpu, host, mb, ga, opts, disk_size, disks, read, write,
                           "host_gib": round(c2.estimate.host_total / 2**30, 2)})
         row["ga_hide_fits"] = any(t["fits"] for t in tried)
         row["ga_hide_tried"] = tried
-    if name == "7b-measured":
-        m = MEASURED_7B
+    if name in MEASURED:
+        m = MEASURED[name]
         row["measured"] = m
         row["planner_step_vs_measured_mean"] = round(e.seconds_per_step / m["step_s_steady_mean"] - 1, 3)
         row["bytes_vs_engine"] = [d["read_bytes"] - m["engine_read_bytes"], d["write_bytes"] - m["engine_write_bytes"]]
