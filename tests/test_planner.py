@@ -369,11 +369,12 @@ def test_7b_in_8gb_needs_the_streaming_engine(host):
     assert "activation stash (pinned)" in e.host
 
 
-def test_7b_in_8gb_and_32gb_of_ram_gets_the_compact_tier_and_64gb_the_exact_one(host):
+def test_7b_plans_at_8gb_gpu_with_32gb_and_64gb_of_ram(host):
     """The machine people own: 8 GiB of GPU and 32 GiB of RAM fit only the compact host tier (measured at 7B with
-    stash_every 2: 29.29 GiB of host memory for the whole process tree, 7.40 GiB of GPU,
-    bench/results/stream_7b_tiers.json); with 64 GiB the exact tier with 8-bit AdamW, whose measured quality gap is
-    smaller, is preferred at the same modelled speed."""
+    stash_every 2: 29.29-29.43 GiB of host memory for the whole process tree, 6.66-7.40 GiB of GPU,
+    bench/results/stream_7b_tiers.json, stream_7b_tiers_alone.json); with 64 GiB the compact tier stashing every
+    layer, the fastest plan (measured 7,729 tokens/s at 37.89 GiB, bench/results/stream_multigpu_7b.json), whose
+    measured quality gap (+0.09%, three seeds) is also below the exact tier's with 8-bit AdamW, which fits too."""
     if "stream" not in host.registry:
         pytest.skip("the stream plugin is not registered")
     shape = load_model_shape("llama2-7b")
@@ -386,8 +387,11 @@ def test_7b_in_8gb_and_32gb_of_ram_gets_the_compact_tier_and_64gb_the_exact_one(
     assert 29.29 * GiB <= e.host_total <= 32 * GiB and e.gpu_total <= 8 * GiB
     assert small.chosen.quality_gap == host.registry["stream"].COMPACT_GAP_PCT
     big = plan_training(shape, setup, parse_size("8GiB"), parse_size("64GiB"), host=host, check_installed=False)
-    assert big.chosen.inp.options["stream"].tier == "exact" and big.chosen.inp.selected("optimizer") == "bnb-adamw8bit"
-    assert big.chosen.quality_gap == host.registry["bnb-adamw8bit"].quality_gap
+    best = big.chosen
+    assert best.inp.options["stream"].tier == "compact" and 32 * GiB < best.estimate.host_total <= 64 * GiB
+    exact = [c for c in big.candidates if c.fits and c.inp.options.get("stream") is not None
+             and c.inp.options["stream"].tier == "exact"]
+    assert exact and all(c.estimate.speed <= best.estimate.speed and c.quality_gap > best.quality_gap for c in exact)
 
 
 def test_no_plan_fits_names_the_smallest_budget_and_that_budget_works(host):

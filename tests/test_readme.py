@@ -201,7 +201,7 @@ def test_seven_b_arguments(tmp_path):
 def test_plan(tmp_path):
     r = run_bash(block("hf-lowmem plan --model llama2-7b --gpu_memory 8GiB --host_memory 64GiB --seq_len 2048 "
                        "--batch_size 4 --grad_accum 8"), tmp_path)
-    assert "PLAN: stream + bnb-adamw8bit" in r.stdout and "6.74B params" in r.stdout
+    assert "PLAN: stream(tier=compact) + adamw" in r.stdout and "6.74B params" in r.stdout
 
 
 @pytest.mark.slow

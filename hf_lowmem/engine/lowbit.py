@@ -5,11 +5,12 @@
   largest magnitude); the first moment uses a signed dynamic-exponent code book, the second moment an unsigned
   linear one *without zero* (a second moment rounded to zero would turn ``m / (sqrt(v) + eps)`` into a huge
   step), applied to ``sqrt(v)`` rather than ``v`` (:data:`SECOND_MOMENT`): the smallest code is then 1/256 of
-  the block's largest ``v`` instead of 1/16, so a small ``v`` beside a large one in its block is inflated at
-  most 16x in ``v`` (4x in the step) instead of up to 16x in the step. On the CPU ablation of the compact tier
-  (bench/results/quality_cpu_compact_v4.json) this cut its eval-loss gap from +6.60% to +2.80%, at no extra
-  memory. The optimizer rounds both moments stochastically (:func:`quantize_4bit`): with it the gap fell
-  to +1.22% on the same ablation. Two codes per byte: 0.5 + 4/128 = 0.53 bytes per value and state;
+  the block's largest ``v`` instead of 1/16: the values of a block down to 1/256 of its largest keep codes of
+  their own instead of all rounding up to the floor (which shrinks their steps). On the CPU ablation of the compact
+  tier (bench/results/quality_cpu_compact_v4.json) this cut its eval-loss gap from +6.60% to +2.79%, at no
+  extra memory. The optimizer rounds both moments stochastically (:func:`quantize_4bit`): with it the gap fell
+  to +1.35% there, and to +0.01 to +0.07% of the exact tier on SmolLM2-135M on the GPU (3 seeds). Two codes
+  per byte: 0.5 + 4/128 = 0.53 bytes per value and state;
 * block-wise 8-bit quantization of stored gradients, through bitsandbytes' kernels (blocks of 256, its signed
   dynamic map): 1 + 4/256 bytes per value;
 * stochastic rounding of fp32 to bf16 (unbiased: rounds up with probability equal to the distance to the
