@@ -88,6 +88,7 @@ def stream_estimate(plan, fmt, chunk: int, opts=None):
     """The engine's memory (its own model) as a planner estimate, and its speed: per block, host<->GPU
     copies overlap compute, and the slower of the two sets the pace; in the SSD tier the disk's transfers
     overlap the whole step, and they set the pace when they take longer (:func:`ssd_speed`)."""
+    from hf_lowmem.engine.estimate import state_bytes
     from hf_lowmem.engine.stream import estimate_stream_memory
     from hf_lowmem.engine.stream_options import PLANNER_DIR, offload_dirs
     from hf_lowmem.planner import (
@@ -133,7 +134,7 @@ def stream_estimate(plan, fmt, chunk: int, opts=None):
                          peak_phase=f"{raw.get('gpu_peak_phase', 'backward')} phase of one block")
     est.notes.append(f"stream: {fmt.master} masters, {fmt.states} optimizer states, {fmt.grads} stored gradients, "
                      f"stash every {fmt.stash_every or 1} layer(s); memory from the stream engine's own memory model")
-    sb = {"8bit": 2.0 + 8 / 256, "4bit": 1.0 + 8 / 128}.get(fmt.states, 8.0)
+    sb = state_bytes(fmt.states)
     mb = 2 if fmt.master == "bf16" else 4
     rate = dev.flops_rate(su)
     P = sh.params_total

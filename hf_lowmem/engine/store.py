@@ -90,11 +90,6 @@ def state_shapes(layout: BlockLayout, states: str) -> dict[str, tuple[int, torch
     return out
 
 
-def state_bytes_per_param(states: str) -> float:
-    """Host bytes per parameter of each state format (quantized tensors; small ones keep fp32)."""
-    return {"fp32": 8.0, "8bit": 2.0 + 8 / BLOCK_8BIT, "4bit": 1.0 + 8 / BLOCK_4BIT}[states]
-
-
 def grad_bytes(numel: int, grads: str, compute_bytes: int) -> int:
     """Bytes of one block's stored gradients (``numel`` padded elements)."""
     return numel + numel // BLOCK_8BIT * 4 if grads == "8bit" else numel * compute_bytes
