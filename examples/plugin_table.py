@@ -22,7 +22,7 @@ def table() -> str:
                          text=True, check=True).stdout
     rows = [p for p in json.loads(out)["plugins"] if p["distribution"] == "hf-lowmem"]
     lines = ["| kind | name | lossless | distributed modes | needs | what it does | at your AdamW learning rate "
-             "(bench/README-quality.md) |",
+             "(H200: bench/results/quality_gpu.md) |",
              "|---|---|---|---|---|---|---|"]
     for p in rows:  # "needs": what `hf-lowmem plugins` derives from each plugin's needs_cuda, requires and extra
         needs = ", ".join(x if x == "CUDA GPU" else f"`{x}`" for x in p["needs"])

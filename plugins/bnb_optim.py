@@ -9,13 +9,14 @@ The Trainer's weight-decay groups are used (bias and norm weights get none), and
 ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` from the arguments (Lion has no epsilon; its betas can be
 overridden with the option ``betas``, bitsandbytes' default for Lion being ``[0.9, 0.99]``).
 
-**Learning rates** (``EVIDENCE``; bench/README-quality.md). The 8-bit AdamW variants make AdamW's step: +0.10%
-eval loss against AdamW at AdamW's learning rate, in CPU pretraining. Lion's update is ``lr * sign(...)``, whose
-entries are all of size ``lr``: with the Trainer's betas (0.9, 0.999) it was +3.06% at AdamW's learning rate and
-worse at every other multiple of it tried (x0.5-x4), so it says so at construction. Lion's own betas (0.9,
-0.99), which its authors and bitsandbytes use, were worse still in the same run (+9.66% at x1, +11.3% at x0.5,
-+17.3% at x0.25: ``bench/results/quality_cpu_lion.json``), so the plugin keeps passing the Trainer's betas; the
-short schedule (200 steps) favours Lion's longer momentum average, and the GPU grid re-checks both.
+**Learning rates** (``EVIDENCE``; bench/results/quality_gpu.md, an H200). The 8-bit AdamW variants make AdamW's
+step: against AdamW at AdamW's learning rate, +0.39% eval loss pretraining a 25.6M Llama from scratch and -0.02%
+fine-tuning SmolLM2-135M. Lion's update is ``lr * sign(...)``, whose entries are all of size ``lr``: with the
+Trainer's betas (0.9, 0.999) it was **+28.51%** in pretraining, worse at 2x and 4x (+46.56%, +58.34%; 0.5x and
+below, where Lion's authors would look, were not run on the GPU: on the CPU's 0.9M model 0.5x was worse than 1x),
+and +0.18% in fine-tuning (+0.64% at 2x), so it warns at construction. Lion's own betas (0.9, 0.99), which its
+authors and bitsandbytes use, were worse still in the same runs (+51.39% pretraining, +0.65% fine-tuning), so
+the plugin keeps passing the Trainer's betas.
 
 Options (``lowmem_options={"bnb-adamw8bit": {...}}``): ``min_8bit_size`` (tensors with fewer elements
 keep 32-bit state; bitsandbytes' default 4096), ``embeddings_32bit`` (keep the states of ``nn.Embedding``
@@ -52,7 +53,8 @@ from dataclasses import dataclass
 import logging
 
 from hf_lowmem import Plugin, hookimpl
-from hf_lowmem_plugins.lr_evidence import Measured, advice, lr_message, measured_sentence, say_once
+from hf_lowmem_plugins.lr_evidence import FINETUNE, PRETRAIN, Evidence, Measured, advice, lr_message, measured_sentence
+from hf_lowmem_plugins.lr_evidence import say_once
 
 logger = logging.getLogger("hf_lowmem.bnb_optim")
 
@@ -70,18 +72,20 @@ VARIANTS = {
 }
 
 
-_ADAMW8 = Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit")
-#: what bench/quality.py measured, per plugin (with the Trainer's betas); variants with the same arithmetic as
-#: 8-bit AdamW share its numbers. The 32-bit paged AdamW makes AdamW's own step: nothing to say.
+_ADAMW8 = (Measured(0.39, 1, 0.39, PRETRAIN), Measured(-0.02, 2, -0.50, FINETUNE))
+#: what bench/quality.py measured, per plugin (with the Trainer's betas; bench/results/quality_gpu.md); variants with
+#: the same arithmetic as 8-bit AdamW share its numbers. The 32-bit paged AdamW makes AdamW's own step: nothing to say.
 EVIDENCE = {
-    "bnb-adamw8bit": _ADAMW8,
-    "bnb-paged-adamw8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
-                                    measured_as="bnb-adamw8bit, the same 8-bit AdamW (paging only moves its states)"),
-    "bnb-lamb8bit": Measured(0.10, 1, 0.10, recipe="bnb-adamw8bit",
-                             measured_as="bnb-adamw8bit: in bitsandbytes 0.49-0.50 LAMB8bit's 8-bit update is AdamW's"),
-    "bnb-lion8bit": Measured(3.06, 1, 3.06, measured_as="bnb-lion8bit with the Trainer's betas (0.9, 0.999)"),
-    "bnb-lion8bit betas 0.9, 0.99": Measured(9.66, 1, 9.66, run="cpu-pretrain-lion",
-                                             measured_as="bnb-lion8bit with betas (0.9, 0.99)"),
+    "bnb-adamw8bit": Evidence(_ADAMW8, "bnb-adamw8bit"),
+    "bnb-paged-adamw8bit": Evidence(_ADAMW8, "bnb-adamw8bit", measured_as="bnb-adamw8bit, the same 8-bit AdamW "
+                                                                         "(paging only moves its states)"),
+    "bnb-lamb8bit": Evidence(_ADAMW8, "bnb-adamw8bit", measured_as="bnb-adamw8bit: in bitsandbytes 0.49-0.50 "
+                                                                  "LAMB8bit's 8-bit update is AdamW's"),
+    "bnb-lion8bit": Evidence((Measured(28.51, 1, 28.51, PRETRAIN), Measured(0.18, 1, 0.18, FINETUNE)), "bnb-lion8bit",
+                             measured_as="bnb-lion8bit with the Trainer's betas (0.9, 0.999)"),
+    "bnb-lion8bit betas 0.9, 0.99": Evidence(
+        (Measured(51.39, 1, 51.39, PRETRAIN), Measured(0.65, 1, 0.65, FINETUNE, mults=(1.0,))), "lion-b99",
+        measured_as="bnb-lion8bit with betas (0.9, 0.99)"),
 }
 _WHY = {
     "lion": "Lion's update is lr * sign(interpolated momentum): every entry has size lr, where AdamW's entries shrink "

@@ -15,8 +15,10 @@ that are not GaLore targets (embeddings, norms, the LM head) get the same optimi
 rate (``n`` the side the projector reduces to ``r``). galore-torch's default ``scale=0.25`` therefore makes
 steps 0.12x AdamW's on a 576-wide model at rank 128 and 0.04x on a 4096-wide one, and GaLore's paper trains at
 several times AdamW's learning rate. ``scale="auto"`` sets ``scale = sqrt(n / r)`` per matrix, so the update's
-RMS is AdamW's at your learning rate: measured +0.95% eval loss against AdamW at AdamW's learning rate, where
-``scale=0.25`` was +7.25% (``EVIDENCE`` below; bench/README-quality.md). A number restores a fixed scale, and
+RMS is AdamW's at your learning rate. Measured against AdamW at AdamW's learning rate (``EVIDENCE`` below;
+bench/results/quality_gpu.md, an H200): galore-adamw -7.30% eval loss pretraining a 25.6M Llama from scratch and
++0.34% fine-tuning SmolLM2-135M (galore-adamw8bit -8.37% and +0.38%), where ``scale=0.25`` was +14.46% and
++3.41% (in pretraining it needed 4x the learning rate: -8.23% there). A number restores a fixed scale, and
 the plugin then says at construction how much smaller its steps are.
 
 What this module adds to galore-torch (its optimizers do the arithmetic; the glue here is our own; the
@@ -105,7 +107,7 @@ from typing import Any
 
 from hf_lowmem import Plugin, anatomy, hookimpl
 from hf_lowmem.errors import PluginError
-from hf_lowmem_plugins.lr_evidence import Measured, advice, measured_sentence, say_once
+from hf_lowmem_plugins.lr_evidence import FINETUNE, PRETRAIN, Evidence, Measured, advice, measured_sentence, say_once
 from hf_lowmem_plugins.lr_evidence import lr_message as evidence_message
 from hf_lowmem_plugins.galore_layerwise import (
     STATE_KEY,
@@ -195,14 +197,30 @@ class GaLoreOptions:
 # registration and validation
 # ------------------------------------------------------------------------------------------------
 
-#: what bench/quality.py measured (galore-adamw; the other variants share its projection and scale, the layer-wise
-#: ones make the same updates as the normal ones): with scale "auto" (the default), and with galore-torch's 0.25
+#: what bench/quality.py measured (bench/results/quality_gpu.md), per measured variant: with scale "auto" (the
+#: default; rank 128) and with galore-torch's fixed 0.25, keyed by its value (measured at the default rank only).
+#: galore-adafactor shares galore-adamw's numbers (same projection and scale), the layer-wise variants those of
+#: their normal variant (the same updates).
 EVIDENCE = {
-    "auto": Measured(0.95, 4, -2.63, recipe="galore-adamw",
-                     measured_as="galore-adamw, rank 32 (hidden / 4), scale 2.0 = sqrt(n / rank) on every matrix "
-                                 "there"),
-    0.25: Measured(7.25, 4, 1.77, recipe="galore-adamw", measured_as="galore-adamw, rank 32, scale 0.25"),
+    "galore-adamw": {
+        "auto": Evidence((Measured(-7.30, 1, -7.30, PRETRAIN), Measured(0.34, 2, -0.30, FINETUNE)), "galore-adamw"),
+        0.25: Evidence((Measured(14.46, 4, -8.23, PRETRAIN), Measured(3.41, 1, 3.41, FINETUNE, mults=(1.0,))),
+                       "galore-adamw-s025", measured_as="galore-adamw with rank 128 and galore-torch's scale 0.25"),
+    },
+    "galore-adamw8bit": {
+        "auto": Evidence((Measured(-8.37, 1, -8.37, PRETRAIN), Measured(0.38, 2, -0.25, FINETUNE)), "galore-adamw8bit"),
+    },
 }
+
+
+def _base(name: str) -> str:
+    return name[: -len(LAYERWISE)] if name.endswith(LAYERWISE) else name
+
+
+def evidence(base: str, scale) -> Evidence | None:
+    """The measurement of GaLore variant ``base`` (no ``-layerwise``) at ``scale`` ("auto" or a number): its own,
+    else galore-adamw's; ``None`` where none was made."""
+    return EVIDENCE.get(base, {}).get(scale) or EVIDENCE["galore-adamw"].get(scale)
 
 
 def lr_message(name: str, opts: GaLoreOptions, lr: float) -> tuple[int, str]:
@@ -210,14 +228,15 @@ def lr_message(name: str, opts: GaLoreOptions, lr: float) -> tuple[int, str]:
     if opts.scale == "auto":
         why = ("scale=\"auto\": each target matrix's projected-back update is scaled by sqrt(n / rank) (n the "
                "projected side), so its RMS is about AdamW's at the same learning rate")
-        return evidence_message(name, EVIDENCE["auto"], lr, why)
+        return evidence_message(name, evidence(_base(name), "auto"), lr, why)
     r576, r4096 = (float(opts.scale) * math.sqrt(min(opts.rank, n) / n) for n in (576, 4096))
     text = (f"{name}: fixed scale={opts.scale:g} with rank {opts.rank}: the update's RMS is scale * sqrt(rank / n) "
             f"times AdamW's at the same learning rate (n the projected side: {r576:.2f}x for n=576, {r4096:.2f}x for "
             f"n=4096), so at your AdamW learning rate ({lr:g}) it takes smaller steps. Raise learning_rate by about "
             "1/ratio, or use scale=\"auto\" (the default), which matches AdamW's step at your learning rate")
-    if float(opts.scale) in EVIDENCE:
-        text += f"; {measured_sentence(EVIDENCE[float(opts.scale)])}"
+    measured = evidence(_base(name), float(opts.scale)) if opts.rank == GaLoreOptions.rank else None
+    if measured is not None:
+        text += f"; {measured_sentence(measured)}"
     return logging.WARNING, text
 
 
@@ -243,7 +262,7 @@ class GaLorePlugin(Plugin):
         # the extras named are the two that install both
         super().__init__(name=name, help=help_, requires=("bitsandbytes", "galore_torch") if eight else ("galore_torch",),
                          extra="galore,bnb" if eight else "galore", needs_cuda=eight,
-                         quality_gap=EVIDENCE["auto"].gap_pct, lr_advice=advice(EVIDENCE["auto"], name))
+                         quality_gap=evidence(base, "auto").gap_pct, lr_advice=advice(evidence(base, "auto"), name))
         self.cls_name, self.layerwise = cls_name, layerwise
 
     def validate(self, ctx):

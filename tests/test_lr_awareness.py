@@ -66,24 +66,82 @@ def test_construction_says_the_measured_numbers_once(tmp_path, caplog, host, nam
     said = [r for r in caplog.records if r.getMessage().startswith(f"{name}: ") and "AdamW" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
     msg = said[0].getMessage()
+    gaps = _regime_gaps(msg)  # both regimes, each with what ran and its file
     gap = plugin.quality_gap
-    assert gap is not None and f"{gap:+.2f}% eval loss vs AdamW at AdamW's learning rate" in msg
+    assert gap is not None and gap == max(gaps.values())  # the planner gets the worse regime
     assert re.search(r"bench/results/quality_\w+\.json", msg) and f"{LR:g}" in msg
     assert said[0].levelno == (logging.WARNING if gap > LOSSY_PCT else logging.INFO)
     if gap > LOSSY_PCT:  # lossy at your lr: it names the learning rate to use, or says that none of the grid did
-        assert re.search(r"use about [0-9.e-]+ \(\d+x\)", msg) or "no multiple of it in" in msg
-    assert f"{gap:+.2f}%" in plugin.lr_advice
+        assert (re.search(r"use about [0-9.e-]+ \(\d+x\)", msg) or "no multiple of it among" in msg
+                or "only x1 was run there" in msg)
+        assert "keeps quality at your learning rate" in msg or min(gaps.values()) > LOSSY_PCT
+    for label, g in gaps.items():  # the advice line names both regimes' gaps too
+        assert f"{g:+.2f}% in {label}" in plugin.lr_advice or f"{g:+.2f}% vs AdamW" in plugin.lr_advice
+
+
+def _regime_gaps(msg: str) -> dict:
+    """label -> the gap at your lr that the message gives for each run of lr_evidence.RUNS (all must be there)."""
+    from hf_lowmem_plugins.lr_evidence import RUNS
+
+    out = {}
+    for run in RUNS.values():
+        m = re.search(rf"in {re.escape(run.label)} \({re.escape(run.what)}\) ([+-]\d+\.\d\d)%", msg)
+        assert m, f"the message does not give the gap in {run.label}: {msg}"
+        out[run.label] = float(m.group(1))
+    return out
+
+
+def _evidence_in(obj):
+    """Every Evidence in a plugin module's EVIDENCE constant (a value, or dicts of them)."""
+    from hf_lowmem_plugins.lr_evidence import Evidence
+
+    if isinstance(obj, Evidence):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _evidence_in(v)
+
+
+@pytest.mark.parametrize("module", ["adafactor", "adam_mini", "apollo", "bnb_optim", "galore", "int8_weights"])
+def test_evidence_is_what_the_committed_runs_measured(module):
+    """Each EVIDENCE number equals bench/quality_gpu_tables.py's reading of the runs' JSON files: per regime the
+    gap at x1, the best multiplier among those run, its gap, and which multipliers ran."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from hf_lowmem_plugins.lr_evidence import RUNS
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    sys.path.insert(0, bench)
+    try:
+        tables = importlib.import_module("quality_gpu_tables")
+    finally:
+        sys.path.remove(bench)
+    runs = {key: tables.merged(list(run.files)) for key, run in RUNS.items()}
+    evidence = list(_evidence_in(importlib.import_module(f"hf_lowmem_plugins.{module}").EVIDENCE))
+    assert evidence
+    for ev in evidence:
+        assert sorted(m.run for m in ev.regimes) == sorted(RUNS), ev.recipe  # both regimes, once each
+        for m in ev.regimes:
+            s = runs[m.run][ev.recipe]
+            assert (m.gap_pct, m.best_mult, m.best_gap_pct, m.ran) == \
+                (s["gap_pct"], s["best_mult"], s["best_gap_pct"], s["mults"]), (ev.recipe, m.run)
 
 
 def test_a_fixed_galore_scale_gives_the_step_ratio_and_its_measurement(caplog):
     from hf_lowmem_plugins.galore import EVIDENCE, GaLoreOptions, lr_message
 
-    level, msg = lr_message("galore-adamw", GaLoreOptions(scale=0.25), 1e-3)
-    assert level == logging.WARNING
-    assert f"{0.25 * math.sqrt(128 / 576):.2f}x for n=576" in msg and f"{0.25 * math.sqrt(128 / 4096):.2f}x for n=4096" in msg
-    assert f"{EVIDENCE[0.25].gap_pct:+.2f}%" in msg and "scale=\"auto\"" in msg
+    for name in ("galore-adamw", "galore-adamw8bit-layerwise"):  # 0.25 was measured with galore-adamw only
+        level, msg = lr_message(name, GaLoreOptions(scale=0.25), 1e-3)
+        assert level == logging.WARNING
+        assert f"{0.25 * math.sqrt(128 / 576):.2f}x for n=576" in msg and f"{0.25 * math.sqrt(128 / 4096):.2f}x for n=4096" in msg
+        assert _regime_gaps(msg) == {m.label: m.gap_pct for m in EVIDENCE["galore-adamw"][0.25].regimes}
+        assert "scale=\"auto\"" in msg and "measured as galore-adamw with rank 128" in msg
     level, msg = lr_message("galore-adamw", GaLoreOptions(scale=1.0), 1e-3)  # not measured: the ratio alone
     assert level == logging.WARNING and "0.47x for n=576" in msg and "measured" not in msg
+    level, msg = lr_message("galore-adamw", GaLoreOptions(scale=0.25, rank=32), 1e-3)  # measured at rank 128 only
+    assert level == logging.WARNING and "measured" not in msg
 
 
 def test_adafactor_with_relative_step_says_its_own_step_replaces_your_lr(caplog):
@@ -95,6 +153,32 @@ def test_adafactor_with_relative_step_says_its_own_step_replaces_your_lr(caplog)
         ctx.plugin("optimizer").validate(ctx)
     (rec,) = [r for r in caplog.records if r.getMessage().startswith("adafactor: ")]
     assert "min(1e-2, 1/sqrt(step))" in rec.getMessage() and "replaces your learning rate" in rec.getMessage()
+    from hf_lowmem_plugins.adafactor import EVIDENCE
+    from hf_lowmem_plugins.lr_evidence import gaps
+
+    assert f"was {gaps(EVIDENCE)} at AdamW's learning rate" in rec.getMessage()  # what the default measured
+
+
+@pytest.mark.parametrize("beta1", [None, 0.9])
+def test_adafactor_says_which_regime_its_defaults_lose_in_and_what_is_not_measured(caplog, beta1):
+    from hf_lowmem_plugins.adafactor import EVIDENCE, UNMEASURED
+    from hf_lowmem_plugins.lr_evidence import forget_said
+
+    forget_said()
+    ctx = make_context(lowmem_optimizer="adafactor", learning_rate=LR, lowmem_options={"adafactor": {"beta1": beta1}})
+    with caplog.at_level(logging.INFO, logger="hf_lowmem"):
+        ctx.plugin("optimizer").validate(ctx)
+    (rec,) = [r for r in caplog.records if r.getMessage().startswith("adafactor: ")]
+    msg = rec.getMessage()
+    assert _regime_gaps(msg) == {m.label: m.gap_pct for m in EVIDENCE.regimes}
+    assert rec.levelno == (logging.WARNING if EVIDENCE.lossy else logging.INFO) and msg.endswith(UNMEASURED)
+    for m in EVIDENCE.regimes:  # per regime: the gap to expect at your lr, or that it keeps quality there
+        assert (f"In {m.label} expect that gap at your learning rate ({LR:g})" in msg) == (m.lossy and not m.fixable)
+        assert (f"In {m.label} it keeps quality" in msg) == (EVIDENCE.lossy and not m.lossy)
+    if beta1 is None:
+        assert "no first moment (beta1=None)" in msg and "the defaults'" not in msg
+    else:  # not what was measured: it says the numbers are the defaults'
+        assert "a first moment (beta1=0.9); the numbers below are the defaults' (no first moment)" in msg
 
 
 # ---- GaLore's scale="auto" -------------------------------------------------------------------------------------
