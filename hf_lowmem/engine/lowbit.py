@@ -53,13 +53,20 @@ SECOND_MOMENT = "sqrt"
 
 
 class Codebook:
-    """A 16-entry code book on one device, with the decision boundaries of nearest rounding."""
+    """A 16-entry code book on one device, with the tables its rounding and decoding read: the decision
+    boundaries of nearest rounding; for stochastic rounding the inner codes (the search), each code's value and
+    the gap to the next one; for decoding, the two values of each of the 256 bytes (high nibble first)."""
 
     _cache: dict[tuple, Codebook] = {}
 
     def __init__(self, values: list[float], device: torch.device):
         self.values = torch.tensor(values, dtype=torch.float32, device=device)
         self.bounds = (self.values[1:] + self.values[:-1]) / 2
+        self.inner = self.values[1:-1].contiguous()
+        self.lower = self.values[:-1].contiguous()
+        self.gaps = self.values[1:] - self.values[:-1]
+        byte = torch.arange(256, device=device)
+        self.pairs = torch.stack((self.values[byte >> 4], self.values[byte & 15]), dim=1).contiguous()
 
     @classmethod
     def get(cls, values: list[float], device: torch.device) -> Codebook:
@@ -83,20 +90,19 @@ def quantize_4bit(x: torch.Tensor, book: Codebook, codes: torch.Tensor, scales: 
     if generator is None:
         idx = torch.bucketize(norm, book.bounds, out_int32=True)
     else:
-        last = len(book.values) - 1
-        lo = (torch.bucketize(norm, book.values, right=True, out_int32=True) - 1).clamp_(0, last - 1)
-        low, high = book.values[lo], book.values[lo + 1]
-        up = torch.rand(norm.shape, generator=generator, device=norm.device) * (high - low) < norm - low
-        idx = lo + up  # below the lowest code (the unsigned map has no zero) it stays the lowest
+        # lo: the code at or below (0 below the lowest code: the unsigned map has no zero, and such a value
+        # stays the lowest; the top code's lower neighbour for the largest value)
+        lo = torch.bucketize(norm, book.inner, right=True, out_int32=True)
+        up = torch.rand(norm.shape, generator=generator, device=norm.device).mul_(book.gaps[lo]) < norm - book.lower[lo]
+        idx = lo.add_(up)
     idx = idx.view(-1, 2)
-    codes.copy_((idx[:, 0] * 16 + idx[:, 1]).to(torch.uint8))
+    codes.copy_(torch.add(idx[:, 1], idx[:, 0], alpha=16))  # two codes per byte, the even position high
 
 
 def dequantize_4bit(codes: torch.Tensor, scales: torch.Tensor, book: Codebook) -> torch.Tensor:
     """The fp32 values of ``codes`` / ``scales`` (the inverse of :func:`quantize_4bit`, up to rounding)."""
-    c = codes.to(torch.int32)
-    idx = torch.stack((c >> 4, c & 15), dim=1).view(-1, BLOCK_4BIT)
-    return (book.values[idx] * scales.unsqueeze(1)).view(-1)
+    pairs = book.pairs[codes.to(torch.int32)].view(-1, BLOCK_4BIT)  # each byte's two values
+    return pairs.mul_(scales.unsqueeze(1)).view(-1)
 
 
 def quantize_8bit(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor) -> None:
