@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hf_lowmem.testing import RandomTokens, make_context, tiny_model, train_args
+from tests.tiny import bench_module
 
 #: every lossy optimizer plugin of hf-lowmem (and int8-weights, whose loss is in the optimizer step's rounding)
 LOSSY = ["adafactor", "adam-mini", "apollo", "apollo-layerwise", "apollo-mini", "apollo-mini-layerwise",
@@ -107,17 +108,10 @@ def test_evidence_is_what_the_committed_runs_measured(module):
     """Each EVIDENCE number equals bench/quality_gpu_tables.py's reading of the runs' JSON files: per regime the
     gap at x1, the best multiplier among those run, its gap, and which multipliers ran."""
     import importlib
-    import sys
-    from pathlib import Path
 
     from hf_lowmem_plugins.lr_evidence import RUNS
 
-    bench = str(Path(__file__).resolve().parent.parent / "bench")
-    sys.path.insert(0, bench)
-    try:
-        tables = importlib.import_module("quality_gpu_tables")
-    finally:
-        sys.path.remove(bench)
+    tables = bench_module("quality_gpu_tables")
     runs = {key: tables.merged(list(run.files)) for key, run in RUNS.items()}
     evidence = list(_evidence_in(importlib.import_module(f"hf_lowmem_plugins.{module}").EVIDENCE))
     assert evidence

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from tests.tiny import bench_module
 
-import multigpu
-import stream_multigpu
+ROOT = Path(__file__).resolve().parents[1]
+multigpu = bench_module("multigpu")
+stream_multigpu = bench_module("stream_multigpu")
 
 H200 = int(139.8 * 2**30)
 

@@ -11,17 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import bench_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import quality as mod
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return mod
+    return bench_module("quality")
 
 
 def test_every_recipe_runs_at_your_lr_before_the_grid(quality):

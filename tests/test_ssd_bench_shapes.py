@@ -11,19 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import bench_module
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import ssd_bench
-        import stream_bench
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return stream_bench, ssd_bench
+    return bench_module("stream_bench"), bench_module("ssd_bench")
 
 
 @pytest.mark.parametrize("shape", ["llama2-7b", "llama2-13b"])

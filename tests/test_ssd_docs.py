@@ -1,20 +1,18 @@
 """bench/ssd_planner_check.py (docs/ssd-tier.md's planner figures): its rows agree with the engine's own SSD-tier
 arithmetic (hf_lowmem.engine.estimate), and docs/streaming.md links the SSD tier's page. CPU, no weights."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from tests.tiny import bench_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("ssd_planner_check", os.path.join(ROOT, "bench", "ssd_planner_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("ssd_planner_check")
 
 
 @pytest.fixture(scope="module")

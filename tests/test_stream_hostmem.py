@@ -16,7 +16,7 @@ import torch
 
 from hf_lowmem import LowMemTrainer
 from hf_lowmem.engine.hostmem import HostArena, tree_memory
-from tests.tiny import RandomTokens, logged_losses, tiny_model, train_args
+from tests.tiny import RandomTokens, bench_module, logged_losses, tiny_model, train_args
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -186,8 +186,7 @@ def test_gpu_pinned_engine_with_two_fork_workers_stays_within_its_host_bound(tmp
     A 337M-parameter model keeps ~3.8 GiB pinned (fp32 masters + fp32 AdamW states); with 2 fork workers the whole
     process tree must stay within that + 4 GiB (Python, CUDA, the workers), and each worker under 1 GiB. Before
     the fix each worker held its own copy of the 3.8 GiB (~11 GiB + the process in all)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from hostmem import HostMemSampler
+    HostMemSampler = bench_module("hostmem").HostMemSampler
     from transformers import TrainerCallback
 
     model = tiny_model(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, vocab_size=32000,

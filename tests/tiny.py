@@ -1,6 +1,22 @@
 """Tiny models and data for CPU tests: :mod:`hf_lowmem.testing`, which plugin authors use too."""
 
+import importlib
+import sys
+from pathlib import Path
+
 from hf_lowmem.testing import RandomTokens, logged_losses, tiny_config, tiny_model, train_args  # noqa: F401
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def bench_module(name: str):
+    """Import ``bench/<name>.py`` (a script, not a package: ``bench/`` is on ``sys.path`` while it loads, since
+    the scripts import each other by name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def word_tokenizer(vocab_size: int = 128):
