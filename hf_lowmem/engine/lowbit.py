@@ -54,8 +54,8 @@ SECOND_MOMENT = "sqrt"
 
 class Codebook:
     """A 16-entry code book on one device, with the tables its rounding and decoding read: the decision
-    boundaries of nearest rounding; for stochastic rounding the inner codes (the search), each code's value and
-    the gap to the next one; for decoding, the two values of each of the 256 bytes (high nibble first)."""
+    boundaries of nearest rounding; for stochastic rounding the inner codes (the search) and each code's gap to
+    the next one; for decoding, the two values of each of the 256 bytes (high nibble first)."""
 
     _cache: dict[tuple, Codebook] = {}
 
@@ -63,7 +63,6 @@ class Codebook:
         self.values = torch.tensor(values, dtype=torch.float32, device=device)
         self.bounds = (self.values[1:] + self.values[:-1]) / 2
         self.inner = self.values[1:-1].contiguous()
-        self.lower = self.values[:-1].contiguous()
         self.gaps = self.values[1:] - self.values[:-1]
         byte = torch.arange(256, device=device)
         self.pairs = torch.stack((self.values[byte >> 4], self.values[byte & 15]), dim=1).contiguous()
@@ -93,7 +92,8 @@ def quantize_4bit(x: torch.Tensor, book: Codebook, codes: torch.Tensor, scales: 
         # lo: the code at or below (0 below the lowest code: the unsigned map has no zero, and such a value
         # stays the lowest; the top code's lower neighbour for the largest value)
         lo = torch.bucketize(norm, book.inner, right=True, out_int32=True)
-        up = torch.rand(norm.shape, generator=generator, device=norm.device).mul_(book.gaps[lo]) < norm - book.lower[lo]
+        u = torch.rand(norm.shape, generator=generator, device=norm.device)
+        up = u.mul_(book.gaps[lo]) < norm - book.values[lo]
         idx = lo.add_(up)
     idx = idx.view(-1, 2)
     codes.copy_(torch.add(idx[:, 1], idx[:, 0], alpha=16))  # two codes per byte, the even position high
