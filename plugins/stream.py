@@ -52,8 +52,7 @@ class Stream(Plugin):
         return resolve_formats(self.options_for(plan), plan.selected("optimizer"))
 
     def lossless_in(self, plan):
-        f = self.formats(plan)  # the engine's own optimizer: quantized states, bf16 masters or 8-bit gradients are lossy
-        return f.states == "fp32" and f.master == "fp32" and f.grads == "compute"
+        return self.formats(plan).lossless  # quantized states, bf16 masters or 8-bit gradients are lossy
 
     #: eval-loss gap of the compact formats (bf16 masters, 4-bit states as sqrt(v) codes rounded stochastically, 8-bit
     #: stored gradients) against AdamW: SmolLM2-135M fine-tuned 200 steps on the GPU, the mean of seeds 0-2 (+0.05,
