@@ -49,9 +49,10 @@ from pathlib import Path
 
 from benchlib import one_gpu
 
+from hf_lowmem_plugins.lr_evidence import LOSSY_PCT  # issue 16's "lossy at your lr" rule, as the plugins apply it
+
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "adamw"
-LOSSY_PCT = 2.0
 DEFAULT_RECIPES = ("adamw,bnb-adamw8bit,bnb-lion8bit,adafactor,galore-adamw8bit,galore-adamw,apollo,apollo-mini,"
                    "adam-mini,int8-weights,stream-8bit")
 DEFAULT_MULTS = "1,2,4,0.5,8"  # priority order after x1
