@@ -30,16 +30,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TBW = 1200.0  # TB written a typical 2 TB consumer NVMe is rated for
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ssd_planner_check.json")
 
-#: the measured runs, by scenario: 7B (bench/results/ssd_7b_ssd.json; its disk: bench/results/disk_h200x2.json) and
-#: 13B (bench/results/ssd_13b.json, a later call; its engine's probe read 1.416 and wrote 1.83 GB/s there)
-MEASURED = {
-    "7b-measured": {"file": "bench/results/ssd_7b_ssd.json", "row": 0, "step_times_s": [23.08, 23.06, 28.42],
-                    "step_s_steady_mean": 25.738, "engine_disk_s": 25.101, "engine_compute_s": 8.193,
-                    "engine_read_bytes": 33041661952, "engine_write_bytes": 20636516352},
-    "13b-2.1GBps": {"file": "bench/results/ssd_13b.json", "row": 1, "step_times_s": [43.54, 52.1, 57.18],
-                    "step_s_steady_mean": 54.64, "engine_disk_s": 67.189, "engine_compute_s": 13.848,
-                    "engine_read_bytes": 64296366080, "engine_write_bytes": 39861145600},
-}
+#: the measured runs, by scenario: (JSON file, row): 7B (its disk: bench/results/disk_h200x2.json) and 13B (a later
+#: call; its engine's probe read 1.416 and wrote 1.83 GB/s there)
+MEASURED = {"7b-measured": ("bench/results/ssd_7b_ssd.json", 0), "13b-2.1GBps": ("bench/results/ssd_13b.json", 1)}
+
+
+def measured(name: str) -> dict:
+    """What the measured run of scenario ``name`` logged: its step times, the mean of its timed steps, and the
+    engine's own disk and compute estimate (``disk_note``)."""
+    path, i = MEASURED[name]
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)) as f:
+        row = json.load(f)["rows"][i]
+    note = row["disk_note"]
+    return {"file": path, "row": i, "step_times_s": row["step_times_s"],
+            "step_s_steady_mean": row["breakdown_per_step"]["step_s_mean"], "engine_disk_s": note["disk_s"],
+            "engine_compute_s": note["compute_s"], "engine_read_bytes": note["read_bytes"],
+            "engine_write_bytes": note["write_bytes"]}
+
 
 # name, model, gpu, host, micro-batch, accumulation, stream options, disk size, disks, read GB/s, write GB/s
 SCENARIOS = [
@@ -120,7 +127,7 @@ def row_for(name, model, gpu, host, mb, ga, opts, disk_size, disks, read, write,
         row["ga_hide_fits"] = any(t["fits"] for t in tried)
         row["ga_hide_tried"] = tried
     if name in MEASURED:
-        m = MEASURED[name]
+        m = measured(name)
         row["measured"] = m
         row["planner_step_vs_measured_mean"] = round(e.seconds_per_step / m["step_s_steady_mean"] - 1, 3)
         row["bytes_vs_engine"] = [d["read_bytes"] - m["engine_read_bytes"], d["write_bytes"] - m["engine_write_bytes"]]
