@@ -375,6 +375,12 @@ def _real_train(a, phase: str, cuda: bool, hm) -> dict:
 
 
 # ---- the parent --------------------------------------------------------------------------------------------------
+def _result_row(stdout: str) -> dict | None:
+    """The row a worker printed last (its ``RESULT {json}`` line), or ``None``."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
 def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--layers", str(layers), "--seq", str(a.seq), "--mb", str(a.mb),
            "--ga", str(ga), "--steps", str(a.steps), "--cap-gib", str(a.cap_gib), "--states", a.states,
@@ -395,18 +401,15 @@ def _child(a, mode: str, layers: int, ga: int, command: str) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if lines:
-            row = json.loads(lines[-1][7:])
-        else:
+        row = _result_row(proc.stdout)
+        if row is None:
             tail = (proc.stdout + proc.stderr)[-3000:]
             row = {"name": mode, "layers": layers, "error": f"exit {proc.returncode}", "log_tail": tail}
             print(tail, file=sys.stderr)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else str(e.stdout or "")
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        if lines:  # killed while exiting (freeing its memory) after it printed its row
-            row = json.loads(lines[-1][7:])
+        row = _result_row(out)
+        if row is not None:  # killed while exiting (freeing its memory) after it printed its row
             row["killed_after_result"] = f"timeout after {timeout}s"
         else:
             row = {"name": mode, "layers": layers, "error": f"timeout after {timeout}s", "log_tail": out[-2000:]}
