@@ -45,6 +45,7 @@ TESTED = {
     "from trl import SFTConfig, SFTTrainer": "test_trl",
     "hf-lowmem train --config examples/train.yaml --max_steps 20": "test_train_with_a_config",
     "accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 4 examples/train_tiny.py --optimizer bnb-adamw8bit": "test_accelerate_launch",
+    "accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2 examples/train_tiny.py --offload stream": "test_accelerate_launch_stream",
     'args = LowMemTrainingArguments(output_dir="out", bf16=True, per_device_train_batch_size=4,': "test_seven_b_arguments",
     "hf-lowmem plan --model llama2-7b --gpu_memory 8GiB --host_memory 64GiB --seq_len 2048 --batch_size 4 --grad_accum 8": "test_plan",
     "hf-lowmem demo --max_steps 60 --output_dir out/demo": "test_demo_export_generate",
@@ -59,6 +60,7 @@ SUBSTITUTIONS = {
     "bf16": ("bf16=True,", "bf16=True, use_cpu=True,"),  # the Trainer refuses bf16 without a GPU unless use_cpu
     "trl_cpu": ('(output_dir="out", lowmem_optimizer', '(output_dir="out", use_cpu=True, lowmem_optimizer'),  # SFTConfig: bf16
     "ddp_cpu": ("--num_processes 4", "--num_processes 2 --mixed_precision no --main_process_port 0"),  # < 4 GPUs: CPU
+    "ddp2_cpu": ("--num_processes 2", "--num_processes 2 --mixed_precision no --main_process_port 0"),  # < 2 GPUs: CPU
 }
 
 GPUS = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], check=False,
@@ -184,6 +186,19 @@ def test_accelerate_launch(tmp_path):
              **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else {}))
     res = json.loads((tmp_path / "losses.json").read_text())
     assert res["world_size"] == (2 if on_cpu else 4) and res["mode"] == "ddp" and res["plugins"] == ["bnb-adamw8bit"]
+    assert res["losses"][-1] < res["losses"][0]
+
+
+def test_accelerate_launch_stream(tmp_path):
+    """The stream engine under accelerate launch: as written on 2+ GPUs; elsewhere on 2 CPU processes (gloo)."""
+    on_cpu = GPUS < 2
+    text = substitute(block("accelerate launch --config_file examples/accelerate/ddp.yaml --num_processes 2 "
+                            "examples/train_tiny.py --offload stream"), "ddp2_cpu", apply=on_cpu)
+    text = text.replace("examples/", f"{ROOT}/examples/")
+    run_bash(f"{text.strip()} --losses-out {tmp_path / 'losses.json'}", tmp_path,
+             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else {}))
+    res = json.loads((tmp_path / "losses.json").read_text())
+    assert res["world_size"] == 2 and res["plugins"] == ["stream"] and res["optimizer"] == "StreamAdamW"
     assert res["losses"][-1] < res["losses"][0]
 
 
