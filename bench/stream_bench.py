@@ -250,10 +250,12 @@ def worker(a) -> dict:
     if stopped:
         row["stopped_early"] = stopped[0]
     if engine is not None:
+        from hf_lowmem.engine.optim import CHUNK as update_chunk
+
         fm = engine.formats
         row.update(tier=engine.options.tier, master=fm.master, states=fm.states, grads=fm.grads,
                    stash_every=engine.stash_every, engine_host_gib=round(engine.arena.nbytes / GiB, 2),
-                   host_budget_gib=a.host_gib or DEFAULT_HOST_GIB[a.mode])
+                   host_budget_gib=a.host_gib or DEFAULT_HOST_GIB[a.mode], update_chunk=update_chunk)
         if cuda:
             row["breakdown_per_step"] = _engine_row(engine, timer)
         if getattr(engine.store, "file_backed", False):  # the SSD tier: its files, its traffic, its disk

@@ -282,8 +282,7 @@ class StreamAdamW(torch.optim.Optimizer):
         m.lerp_(g, 1 - b1)
         r = v.mul_(b2).addcmul_(g, g, value=1 - b2).sqrt_()  # sqrt(v): the denominator's root and what is stored
         w.mul_(1 - lr * wd)
-        denom = r.div(math.sqrt(1 - b2**step)).add_(eps)
-        w.addcdiv_(m, denom, value=-lr / (1 - b1**step))
+        w.addcdiv_(m, r.div(math.sqrt(1 - b2**step)).add_(eps), value=-lr / (1 - b1**step))  # no name: freed here
         lowbit.quantize_4bit(m, bm, mc, ms, self.generator)  # stochastic rounding: the averages do not stick
         lowbit.quantize_4bit(r, bv, vc, vs, self.generator)
 
