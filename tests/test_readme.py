@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import machine_gpus
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -63,8 +65,7 @@ SUBSTITUTIONS = {
     "ddp2_cpu": ("--num_processes 2", "--num_processes 2 --mixed_precision no --main_process_port 0"),  # < 2 GPUs: CPU
 }
 
-GPUS = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], check=False,
-                          capture_output=True, text=True).stdout.strip() or 0)
+GPUS, ALL_GPUS = machine_gpus()  # all of the machine's GPUs, and the environment that shows them to a launch
 CUDA = GPUS > 0
 
 
@@ -183,7 +184,7 @@ def test_accelerate_launch(tmp_path):
                             "examples/train_tiny.py --optimizer bnb-adamw8bit"), "ddp_cpu", apply=on_cpu)
     text = text.replace("examples/", f"{ROOT}/examples/")  # run from tmp_path: the example writes out/ there
     run_bash(f"{text.strip()} --losses-out {tmp_path / 'losses.json'}", tmp_path,
-             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else {}))
+             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else ALL_GPUS))
     res = json.loads((tmp_path / "losses.json").read_text())
     assert res["world_size"] == (2 if on_cpu else 4) and res["mode"] == "ddp" and res["plugins"] == ["bnb-adamw8bit"]
     assert res["losses"][-1] < res["losses"][0]
@@ -196,7 +197,7 @@ def test_accelerate_launch_stream(tmp_path):
                             "examples/train_tiny.py --offload stream"), "ddp2_cpu", apply=on_cpu)
     text = text.replace("examples/", f"{ROOT}/examples/")
     run_bash(f"{text.strip()} --losses-out {tmp_path / 'losses.json'}", tmp_path,
-             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else {}))
+             **({"CUDA_VISIBLE_DEVICES": ""} if on_cpu else ALL_GPUS))
     res = json.loads((tmp_path / "losses.json").read_text())
     assert res["world_size"] == 2 and res["plugins"] == ["stream"] and res["optimizer"] == "StreamAdamW"
     assert res["losses"][-1] < res["losses"][0]

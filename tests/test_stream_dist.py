@@ -172,9 +172,9 @@ def test_two_ranks_train_save_and_resume_like_one_process(tmp_path):
 
 
 def _two_gpus() -> bool:
-    import torch
+    from tests.tiny import machine_gpus
 
-    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+    return machine_gpus()[0] >= 2
 
 
 @pytest.mark.gpu

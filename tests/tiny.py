@@ -28,3 +28,16 @@ def word_tokenizer(vocab_size: int = 128):
     vocab = {f"t{i}": i for i in range(vocab_size)}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                    pad_token="t0", eos_token="t1", unk_token="t0")
+
+
+def machine_gpus() -> tuple[int, dict[str, str]]:
+    """The GPUs of this machine for tests that launch their own processes, and the environment that shows them
+    all (tests/conftest.py pins the pytest process to one GPU where there are several)."""
+    import os
+
+    n = os.environ.get("HF_LOWMEM_TEST_GPUS")
+    if n:
+        return int(n), {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(int(n)))}
+    import torch
+
+    return (torch.cuda.device_count() if torch.cuda.is_available() else 0), {}
