@@ -28,7 +28,7 @@ Before launching, the parent checks each run as the ranks would, and records a r
 * ``refused``: a selected plugin does not declare the run's distributed mode (``hf_lowmem.context.
   resolve_selection``, the same check and message every rank would raise; e.g. bnb 8-bit optimizers under
   FSDP2, whose DTensor parameters bitsandbytes does not take);
-* ``does not fit``: single/DDP only, when the planner's GPU estimate of one rank (``hf_lowmem.planner.
+* ``does not fit``: single/DDP and ZeRO-2/3 without offload on one GPU (which shards nothing), when the planner's GPU estimate of one rank (``hf_lowmem.planner.
   estimate_memory``; plus DDP's gradient buckets, 4 bytes per parameter, which the planner does not count)
   exceeds the GPU's memory (7B with AdamW: ~146 GiB before the buckets, more than an H200's 139.8 GiB).
   ``--no-precheck`` launches them anyway (an out-of-memory is then recorded as the run's error).
@@ -233,8 +233,8 @@ def _deepspeed_missing() -> str | None:
 def precheck(a: argparse.Namespace, mode: str, nproc: int, plugins: dict, gpu_bytes: int | None) -> tuple[str, str] | None:
     """What the ranks would refuse, found before launching: ``("refused", the plugin's own message)`` when a
     plugin does not declare the run's distributed mode or the selection is invalid; ``("skipped", why)``
-    without deepspeed for a ZeRO mode; ``("does not fit", estimate)`` for single/DDP when the planner's GPU
-    estimate of one rank exceeds ``gpu_bytes``. ``None``: launch it."""
+    without deepspeed for a ZeRO mode; ``("does not fit", estimate)`` for single/DDP (and ZeRO on one GPU) when the
+    planner's GPU estimate of one rank exceeds ``gpu_bytes`` (:func:`_fit_check`). ``None``: launch it."""
     from hf_lowmem.context import resolve_selection
     from hf_lowmem.errors import PluginError
     from hf_lowmem.plugins import get_plugin_host
@@ -250,14 +250,26 @@ def precheck(a: argparse.Namespace, mode: str, nproc: int, plugins: dict, gpu_by
         sel = resolve_selection(host, requested, raw, hf_mode)
     except PluginError as e:
         return "refused", f"{type(e).__name__}: {e}"
+    # ZeRO without offload on one GPU shards nothing: judged as the single-GPU step (7B zero3 on one H200 ran out
+    # of memory at 138.25 GiB allocated, bench/results/multigpu-7b.md)
+    fit_mode = "single" if (mode in ("zero2", "zero3") and nproc == 1) else hf_mode
+    if fit_mode in ("single", "ddp") and gpu_bytes:
+        verdict = _fit_check(a, fit_mode, sel, host, gpu_bytes)
+        if verdict:
+            return verdict
     if hf_mode == "deepspeed":
         missing = _deepspeed_missing()
         if missing:
             return "skipped", missing
-    if hf_mode not in ("single", "ddp") or not gpu_bytes:
-        return None
+    return None
+
+
+def _fit_check(a: argparse.Namespace, fit_mode: str, sel, host, gpu_bytes: int) -> tuple[str, str] | None:
+    """``("does not fit", estimate)`` when the planner's GPU estimate of one rank in ``fit_mode`` (single or DDP,
+    plus DDP's gradient buckets) exceeds ``gpu_bytes``; ``("refused", why)`` when the planner refuses the run."""
     from transformers import LlamaConfig
 
+    from hf_lowmem.errors import PluginError
     from hf_lowmem.planner.estimate import estimate_memory
     from hf_lowmem.planner.inputs import PlanInput, TrainSetup
     from hf_lowmem.planner.shapes import shape_from_config
@@ -267,13 +279,13 @@ def precheck(a: argparse.Namespace, mode: str, nproc: int, plugins: dict, gpu_by
     setup = TrainSetup(micro_batch=a.micro_batch, seq_len=a.seq_len, grad_accum=a.grad_accum,
                        precision="bf16-mixed" if a.precision == "bf16" else "fp32",
                        gradient_checkpointing=False)
-    inp = PlanInput(shape, setup, {k: tuple(v) for k, v in sel.by_kind.items()}, sel.options, mode=hf_mode)
+    inp = PlanInput(shape, setup, {k: tuple(v) for k, v in sel.by_kind.items()}, sel.options, mode=fit_mode)
     try:
         est = estimate_memory(inp, host)
     except PluginError as e:
         return "refused", f"{type(e).__name__}: {e}"
     n_params = sum(p.numel() for p in _meta_model(config).parameters())
-    buckets = 4 * n_params if hf_mode == "ddp" else 0  # DDP's gradient buckets (fp32 grads), not in the planner
+    buckets = 4 * n_params if fit_mode == "ddp" else 0  # DDP's gradient buckets (fp32 grads), not in the planner
     need = est.gpu_total + buckets
     if need > gpu_bytes:
         return "does not fit", (f"the planner estimates {need / GiB:.1f} GiB per GPU ({est.gpu_total / GiB:.1f} GiB for the "

@@ -58,8 +58,15 @@ def test_fit_check_uses_the_planner_and_ddp_buckets():
     _, preset = multigpu.parse_run("ddp+8bit-ckpt-sdpa")
     assert multigpu.precheck(a, "ddp", 2, multigpu.run_plugins(a, preset), H200) is None
     assert multigpu.precheck(a, "ddp", 2, plain, 400 * 2**30) is None
-    # FSDP2 is not judged by the single-GPU planner
+    # FSDP2 is not judged by the single-GPU planner, nor ZeRO on several GPUs; ZeRO on one GPU is (it shards
+    # nothing: 7B zero3 on one H200 ran out of memory, bench/results/multigpu-7b.md)
     assert multigpu.precheck(a, "fsdp2", 2, plain, H200) is None
+    assert multigpu.precheck(a, "zero3", 2, plain, H200) in (None, ("skipped", multigpu._deepspeed_missing()))
+    zero_one = multigpu.precheck(a, "zero3", 1, plain, H200)
+    assert zero_one[0] == "does not fit" and "154.5 GiB" in zero_one[1], zero_one
+    _, preset = multigpu.parse_run("zero3+8bit-ckpt-sdpa")  # ran on one H200 at 69.60 GiB
+    assert multigpu.precheck(a, "zero3", 1, multigpu.run_plugins(a, preset), H200) in (
+        None, ("skipped", multigpu._deepspeed_missing()))
 
 
 def test_scaling_base_prefers_this_sweep_then_the_baseline():
