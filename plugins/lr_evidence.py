@@ -14,7 +14,8 @@ against the runs' JSON files (``bench/quality_gpu_tables.py`` reads them, and pr
 line and ``Plugin.quality_gap`` (what the planner compares) follow the *worse* regime: a plugin is lossy when
 either regime is more than :data:`LOSSY_PCT` percent above AdamW's eval loss with both at AdamW's learning rate
 (x1), the rule of issue 16. For each lossy regime the message gives the multiplier that brought it within that
-margin in the grid that was actually run there, or says that none did (and which multipliers were not run); a
+margin in the grid that was actually run there, or says that none did (with the closest multiplier, and which
+multipliers were not run); a
 plugin within it in both regimes logs the numbers at INFO level only (nothing shows at the default log level).
 """
 
@@ -35,8 +36,9 @@ class Run:
 
     :param label: a short name for messages and tables ("25M pretraining").
     :param what: what ran and where its numbers are, for the construction-time message.
-    :param files: its JSON files under the repository; a later file fills only the jobs an earlier one did not
-        finish (``bench/quality_gpu_tables.py``).
+    :param files: its JSON files under the repository; a later file fills only the jobs (recipe and multiplier)
+        that no earlier one finished, each row compared with the AdamW at x1 of its own file
+        (``bench/quality_gpu_tables.py``).
     :param grid: the multipliers of AdamW's learning rate its optimizer recipes ran (a :class:`Measured` names
         fewer where its recipe ran fewer).
     """
@@ -52,16 +54,18 @@ RUNS = {
     "gpu-pretrain": Run(
         "25M pretraining",
         "a 25.6M-parameter byte-level Llama from scratch, 300 steps on Python source, AdamW lr 1e-3, whose own best "
-        "was 0.5x at -4.03%; H200: bench/results/quality_gpu_pretrain.json",
-        ("bench/results/quality_gpu_pretrain.json",),
-        (1.0, 2.0, 4.0),
+        "was 0.5x at -4.03%; H200: bench/results/quality_gpu_pretrain.json and quality_gpu_pretrain_x05_x8.json",
+        ("bench/results/quality_gpu_pretrain.json", "bench/results/quality_gpu_pretrain_x05_x8.json"),
+        PLANNED,
     ),
     "gpu-finetune": Run(
         "135M fine-tuning",
-        "SmolLM2-135M, 200 steps on Python source, AdamW lr 5e-5; H200: bench/results/quality_gpu_finetune.json and "
-        "quality_gpu_finetune_x1_rerun.json",
-        ("bench/results/quality_gpu_finetune.json", "bench/results/quality_gpu_finetune_x1_rerun.json"),
-        (1.0, 2.0),
+        "SmolLM2-135M, 200 steps on Python source, AdamW lr 5e-5, whose own best was 2x at -0.53%; H200: "
+        "bench/results/quality_gpu_finetune.json and 5 more quality_gpu_finetune_*.json",
+        ("bench/results/quality_gpu_finetune.json", "bench/results/quality_gpu_finetune_x1_rerun.json",
+         "bench/results/quality_gpu_finetune_x05.json", "bench/results/quality_gpu_finetune_x4.json",
+         "bench/results/quality_gpu_finetune_x8.json", "bench/results/quality_gpu_finetune_x2_fill.json"),
+        PLANNED,
     ),
 }
 PRETRAIN, FINETUNE = "gpu-pretrain", "gpu-finetune"
@@ -186,6 +190,14 @@ def measured_sentence(ev: Evidence) -> str:
             + what)
 
 
+def _closest(m: Measured, lr: float) -> str:
+    """"; the closest was 0.5x (0.0005) at +3.16%, the smallest multiple run" (empty when x1 was the best)."""
+    if m.best_mult == 1:
+        return ""
+    edge = {min(m.ran): ", the smallest multiple run", max(m.ran): ", the largest multiple run"}.get(m.best_mult, "")
+    return f"; the closest was {m.best_mult:g}x ({m.best_mult * lr:g}) at {m.best_gap_pct:+.2f}%{edge}"
+
+
 def lr_message(name: str, ev: Evidence, lr: float, why: str) -> tuple[int, str]:
     """(logging level, text) a plugin logs once at construction: ``why`` its step differs from AdamW's (or
     why it does not), what was measured in each regime, and what to do at the learning rate ``lr`` the run has:
@@ -209,7 +221,7 @@ def lr_message(name: str, ev: Evidence, lr: float, why: str) -> tuple[int, str]:
             skipped = [k for k in PLANNED if k not in m.ran]
             text += (f". In {m.label} expect that gap at your learning rate ({lr:g}): no multiple of it among "
                      f"{_xs(m.ran)} came within {LOSSY_PCT:g}% of AdamW"
-                     + (f" ({_xs(skipped)} not run)" if skipped else "")
+                     + (f" ({_xs(skipped)} not run)" if skipped else "") + _closest(m, lr)
                      + ", so where quality matters there choose another optimizer")
         else:
             text += f". In {m.label} it keeps quality at your learning rate"

@@ -229,8 +229,14 @@ def test_lr_message_auto_scale_gives_the_measured_numbers(tmp_path, caplog, name
     assert recs[0].levelno == (logging.WARNING if ev.lossy else logging.INFO)
     stuck = [m for m in ev.regimes if m.lossy and not m.fixable and len(m.ran) > 1]
     assert ("came within 2% of AdamW" in msg) == bool(stuck)
-    for m in stuck:  # and which multipliers of the planned grid were not run
-        assert f"In {m.label} expect that gap" in msg and "x8 not run" in msg
+    for m in stuck:  # which multipliers of the planned grid were not run, and the closest one that was
+        from hf_lowmem_plugins.lr_evidence import PLANNED
+
+        skipped = ", ".join(f"x{k:g}" for k in PLANNED if k not in m.ran)
+        assert f"In {m.label} expect that gap" in msg and ((f"({skipped} not run)" in msg) if skipped else
+                                                           "not run" not in msg)
+        assert (f"the closest was {m.best_mult:g}x ({m.best_mult * 3e-4:g}) at {m.best_gap_pct:+.2f}%" in msg) == \
+            (m.best_mult != 1)
 
 
 def test_adam_mini_lr_message(tmp_path, caplog):

@@ -80,6 +80,23 @@ def test_construction_says_the_measured_numbers_once(tmp_path, caplog, host, nam
         assert f"{g:+.2f}% in {label}" in plugin.lr_advice or f"{g:+.2f}% vs AdamW" in plugin.lr_advice
 
 
+def test_the_message_gives_the_fix_or_the_closest_multiple_of_the_grid():
+    """Per lossy regime: the multiple that came within 2%, or (none did) the closest one, named as the grid's edge
+    when it is, and the planned multiples that were not run."""
+    from hf_lowmem_plugins.lr_evidence import FINETUNE, PRETRAIN, Evidence, Measured, lr_message
+
+    fixable = Evidence((Measured(5.0, 4, 1.0, PRETRAIN), Measured(0.1, 1, 0.1, FINETUNE)), "x")
+    level, msg = lr_message("x", fixable, 1e-3, "why")
+    assert level == logging.WARNING and "use about 0.004 (4x)" in msg and "closest" not in msg
+    edge = Evidence((Measured(7.0, 0.5, 3.0, PRETRAIN), Measured(3.0, 2, 2.5, FINETUNE, mults=(1.0, 2.0, 4.0))), "x")
+    _, msg = lr_message("x", edge, 1e-3, "why")
+    assert "the closest was 0.5x (0.0005) at +3.00%, the smallest multiple run, so" in msg
+    assert "among x1, x2, x4 came within 2% of AdamW (x0.5, x8 not run); the closest was 2x (0.002) at +2.50%, so" in msg
+    stuck = Evidence((Measured(4.0, 1, 4.0, PRETRAIN), Measured(0.1, 1, 0.1, FINETUNE)), "x")
+    _, msg = lr_message("x", stuck, 1e-3, "why")
+    assert "among x0.5, x1, x2, x4, x8 came within 2% of AdamW, so where" in msg and "closest" not in msg
+
+
 def _regime_gaps(msg: str) -> dict:
     """label -> the gap at your lr that the message gives for each run of lr_evidence.RUNS (all must be there)."""
     from hf_lowmem_plugins.lr_evidence import RUNS

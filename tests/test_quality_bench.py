@@ -105,3 +105,58 @@ def test_end_to_end_two_parallel_jobs_on_the_cpu(tmp_path):
     assert "not registered" in s["no-such-plugin"]["status"]
     assert s["apollo-mini"]["mults_run"] == [1.0, 4.0] and "gap_pct" in s["apollo-mini"]
     assert "| apollo-mini |" in r.stdout and rep["config"]["jobs"] == 2
+
+
+# ---- bench/quality_gpu_tables.py: merging the GPU runs' files, the written tables --------------------------------
+def _report(path, rows, defined=None):
+    path.write_text(json.dumps({"summary": {"pretrain": {r["recipe"]: {} for r in rows}},
+                                "config": {"defined": defined or {}}, "rows": rows}))
+    return str(path)
+
+
+def test_a_later_file_fills_only_what_the_earlier_lack_against_its_own_adamw(tmp_path):
+    tables = bench_module("quality_gpu_tables")
+    first = _report(tmp_path / "a.json", [_row("adamw", 1, 2.00), _row("opt", 1, 2.10), _row("opt", 2, 2.30),
+                                          {**_row("late", 1, None, status="timeout"), "wall_s": 300}])
+    second = _report(tmp_path / "b.json", [_row("adamw", 1, 2.20), _row("opt", 1, 9.99), _row("opt", 0.5, 2.29),
+                                           _row("late", 1, 2.42), _row("adamw", 0.5, 2.10),
+                                           {**_row("opt", 8, None, status="skipped"), "reason": "budget"}])
+    s = tables.merged([first, second])
+    opt = s["opt"]
+    assert opt["rows"][1.0]["eval_loss"] == 2.10 and opt["rows"][1.0]["file"] == first  # the first x1 is kept
+    assert opt["rows"][0.5]["gap_pct"] == 4.09 and opt["rows"][0.5]["file"] == second  # against b's AdamW, 2.20
+    # x0.5 has a higher loss than x1 (2.29 > 2.10) but the lower gap, each against its own file's AdamW
+    assert opt["rows"][2.0]["gap_pct"] == 15.0 and (opt["best_mult"], opt["best_gap_pct"]) == (0.5, 4.09)
+    assert opt["mults"] == (0.5, 1.0, 2.0) and opt["skipped"] == {8.0: "budget"}  # a later file's skip is named
+    assert s["late"]["gap_pct"] == 10.0 and s["late"]["skipped"] == {}  # the timed-out x1, filled by b
+    assert (s["adamw"]["best_mult"], s["adamw"]["best_gap_pct"]) == (0.5, -4.55)  # 2.10 against b's 2.20
+
+
+def test_the_readme_table_marks_lossy_at_your_lr_and_leaves_out_defined_recipes(tmp_path, monkeypatch):
+    from hf_lowmem_plugins.lr_evidence import Run
+
+    tables = bench_module("quality_gpu_tables")
+    rows = [_row("adamw", 1, 2.00), _row("adamw", 2, 1.98), _row("good", 1, 2.01), _row("good", 2, 1.99),
+            _row("bad", 1, 2.20), _row("bad", 0.5, 2.10), _row("fixed", 1, 2.10), _row("fixed", 4, 2.02),
+            _row("int8-weights", 1, 2.00), _row("scaled", 1, 2.50)]
+    f = _report(tmp_path / "a.json", rows, defined={"scaled": {"lowmem_optimizer": "good"}})
+    monkeypatch.setattr(tables, "RUNS", {"r": Run("tiny pretraining", "a test", (f,), (0.5, 1.0, 2.0, 4.0))})
+    text = tables.readme_table({"r": tables.merged([f])})
+    lines = {x.split(" | ")[0]: x for x in text.splitlines() if x.startswith("| `")}
+    assert list(lines) == ["| `adamw`", "| `int8-weights`", "| `good`", "| `fixed`", "| `bad`"]  # worse gap last
+    assert "scaled" not in text  # a --define variant is for quality_gpu.md, not the README
+    assert lines["| `adamw`"] == "| `adamw` | reference, 2.0000 | x2: -1.00% |"
+    assert lines["| `bad`"] == "| `bad` | **+10.00%** | x0.5: +5.00% |"
+    assert lines["| `fixed`"] == "| `fixed` | **+5.00%** | x4: +1.00% |" and "| x1 only |" in lines["| `int8-weights`"]
+    assert "in tiny pretraining `fixed`, `bad` (a multiplier of the grid brings `fixed` within 2%)" in text
+
+
+def test_the_committed_tables_are_what_the_json_files_say():
+    """README.md's quality table and bench/results/quality_gpu.md's tables are bench/quality_gpu_tables.py's output
+    from the files of lr_evidence.RUNS (python bench/quality_gpu_tables.py --write refreshes them)."""
+    tables = bench_module("quality_gpu_tables")
+    summaries = {key: tables.merged(list(run.files)) for key, run in tables.RUNS.items()}
+    for rel, (begin, end, make) in tables.TARGETS.items():
+        assert tables.between((ROOT / rel).read_text(), begin, end) == make(summaries), \
+            f"{rel}: stale quality tables: python bench/quality_gpu_tables.py --write"
+    assert tables.main(["--check"]) == 0
