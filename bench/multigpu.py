@@ -28,9 +28,10 @@ Before launching, the parent checks each run as the ranks would, and records a r
 * ``refused``: a selected plugin does not declare the run's distributed mode (``hf_lowmem.context.
   resolve_selection``, the same check and message every rank would raise; e.g. bnb 8-bit optimizers under
   FSDP2, whose DTensor parameters bitsandbytes does not take);
-* ``does not fit``: single/DDP and ZeRO-2/3 without offload on one GPU (which shards nothing), when the planner's GPU estimate of one rank (``hf_lowmem.planner.
-  estimate_memory``; plus DDP's gradient buckets, 4 bytes per parameter, which the planner does not count)
-  exceeds the GPU's memory (7B with AdamW: ~146 GiB before the buckets, more than an H200's 139.8 GiB).
+* ``does not fit``: single/DDP, and ZeRO-2/3 without offload on one GPU (which shards nothing), when the
+  planner's GPU estimate of one rank (``hf_lowmem.planner.estimate_memory``; plus DDP's gradient buckets, 4 bytes
+  per parameter, which the planner does not count) exceeds the GPU's memory (7B with AdamW: 154.5 GiB before the
+  buckets, bench/results/multigpu-7b.md, more than an H200's 139.8 GiB).
   ``--no-precheck`` launches them anyway (an out-of-memory is then recorded as the run's error).
 ``--budget-s`` stops launching runs once the sweep's elapsed time would leave less than a run's timeout
 (rows say ``not run: budget``), so that one command stays under the device machine's 10-minute limit.

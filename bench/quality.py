@@ -276,6 +276,11 @@ def run_jobs(jobs: list[dict], n_parallel: int, budget_s: float | None, timeout:
 # summary and tables
 # ---------------------------------------------------------------------------------------------------
 
+def gap_pct(eval_loss: float, base: float) -> float:
+    """An eval loss's gap to AdamW's (``base``) in percent of AdamW's, to two decimals."""
+    return round(100.0 * (eval_loss - base) / base, 2)
+
+
 def summarize(rows: list[dict], regimes: list[str], recipes: list[str]) -> dict:
     """Per regime and recipe: eval loss at x1, gap vs AdamW at x1 (%), best multiplier and its eval loss,
     peak GPU memory at x1, and the lossy-at-your-lr flag."""
@@ -298,8 +303,8 @@ def summarize(rows: list[dict], regimes: list[str], recipes: list[str]) -> dict:
                  "mults_run": sorted(r["lr_mult"] for r in mine),
                  "peak_gpu_gib": (at1 or best).get("peak_gpu_gib"), "options": (at1 or best).get("overrides")}
             if base is not None and at1 is not None:
-                s["gap_pct"] = round(100.0 * (at1["eval_loss"] - base) / base, 2)
-                s["best_gap_pct"] = round(100.0 * (best["eval_loss"] - base) / base, 2)
+                s["gap_pct"] = gap_pct(at1["eval_loss"], base)
+                s["best_gap_pct"] = gap_pct(best["eval_loss"], base)
                 s["lossy_at_your_lr"] = rec != BASELINE and s["gap_pct"] > LOSSY_PCT
             table[rec] = s
         out[reg] = table

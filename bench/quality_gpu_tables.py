@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from quality import BASELINE, LOSSY_PCT, PRESETS, ROOT
+from quality import BASELINE, LOSSY_PCT, PRESETS, ROOT, gap_pct
 
 from hf_lowmem_plugins.lr_evidence import PLANNED as MULTS  # the grid issue 16 asks for (not all of it was run)
 from hf_lowmem_plugins.lr_evidence import RUNS  # the runs the plugins' evidence names
@@ -52,7 +52,7 @@ def merged(paths: list[str]) -> dict:
             if m in rec["rows"]:
                 continue
             rec["skipped"].pop(m, None)
-            rec["rows"][m] = dict(r, gap_pct=round(100.0 * (r["eval_loss"] - base) / base, 2) + 0.0, file=f,
+            rec["rows"][m] = dict(r, gap_pct=gap_pct(r["eval_loss"], base) + 0.0, file=f,
                                   baseline=base)
     for rec in out.values():
         rows = rec["rows"]
@@ -192,7 +192,7 @@ def x1_repeats(paths: list[str]) -> list[tuple[str, float, float, int]]:
         base = next(r["eval_loss"] for r in rows if r["recipe"] == BASELINE)
         for r in rows:
             if r["recipe"] != BASELINE:
-                gaps.setdefault(r["recipe"], []).append(round(100.0 * (r["eval_loss"] - base) / base, 2))
+                gaps.setdefault(r["recipe"], []).append(gap_pct(r["eval_loss"], base))
     return [(rec, min(g), max(g), len(g)) for rec, g in gaps.items() if len(g) > 1]
 
 
@@ -243,6 +243,7 @@ def main(argv: list[str]) -> int:
     if stale:
         print(f"stale tables in {', '.join(stale)}: run python bench/quality_gpu_tables.py --write", file=sys.stderr)
     return 1 if stale else 0
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

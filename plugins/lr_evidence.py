@@ -15,8 +15,8 @@ line and ``Plugin.quality_gap`` (what the planner compares) follow the *worse* r
 either regime is more than :data:`LOSSY_PCT` percent above AdamW's eval loss with both at AdamW's learning rate
 (x1), the rule of issue 16. For each lossy regime the message gives the multiplier that brought it within that
 margin in the grid that was actually run there, or says that none did (with the closest multiplier, and which
-multipliers were not run); a
-plugin within it in both regimes logs the numbers at INFO level only (nothing shows at the default log level).
+multipliers were not run); a plugin within it in both regimes logs the numbers at INFO level only (nothing shows
+at the default log level).
 """
 
 from __future__ import annotations
