@@ -215,6 +215,7 @@ EVIDENCE = {
 
 
 def _base(name: str) -> str:
+    """The variant without its ``-layerwise`` suffix."""
     return name[: -len(LAYERWISE)] if name.endswith(LAYERWISE) else name
 
 
@@ -252,7 +253,7 @@ class GaLorePlugin(Plugin):
     incompatible = {"stream": _STREAM_REASON}
 
     def __init__(self, name: str, cls_name: str, layerwise: bool):
-        base = name[: -len(LAYERWISE)] if layerwise else name
+        base = _base(name)
         what = {"galore-adamw": "AdamW", "galore-adamw8bit": "8-bit AdamW", "galore-adafactor": "Adafactor"}[base]
         help_ = (f"GaLore low-rank gradient projection with {what} (galore-torch {cls_name}); default scale \"auto\" "
                  "= sqrt(n/rank) per matrix (galore-torch's is 0.25) keeps AdamW's step size at your lr")
